@@ -1,0 +1,407 @@
+"""The time-aware SSD (Mamba-2) block of TiM4Rec, and the SSD scan it runs on.
+
+Two implementations of one function, behind one dispatch (`ssd_scan`, `rmsnorm_gated`):
+
+- ``"triton"``: mamba-ssm's Triton kernels (`mamba_chunk_scan_combined`, `rmsnorm_fn`), on
+  CUDA tensors. mamba-ssm installed with ``MAMBA_SKIP_CUDA_BUILD=TRUE`` has no compiled
+  ``selective_scan_cuda``, and its package ``__init__`` imports it; `_import_mamba_triton`
+  reaches the pure-Triton submodules without it.
+- ``"torch"``: the chunked algorithm in plain PyTorch (`ssd_chunked`), for CPUs, for
+  machines without mamba-ssm, and as the reference the kernels are tested against.
+
+What SSD computes, per batch row and head h (see ../shared/TIM4REC_SPEC.md), with
+delta_t = softplus(dt_t + dt_bias) and a = A[h] < 0:
+
+    S_t = exp(delta_t * a) * S_{t-1} + delta_t * x_t B_t^T        # (P, N)
+    y_t = S_t C_t + D * x_t
+
+`ssd_recurrent` is exactly that loop (slow, for tests); `ssd_chunked` computes the same
+thing in chunks of Q steps: the quadratic dual form inside each chunk, states carried
+between chunks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import sys
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "triton")
+
+_logged_backends: set[tuple[str, str]] = set()
+_mamba_triton: tuple[Callable, Callable] | None | bool = False  # False: not tried yet
+
+
+def _import_mamba_triton() -> tuple[Callable, Callable] | None:
+    """Return mamba-ssm's (mamba_chunk_scan_combined, rmsnorm_fn), or None if unavailable."""
+    global _mamba_triton
+    if _mamba_triton is not False:
+        return _mamba_triton
+    _mamba_triton = None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    if "mamba_ssm" not in sys.modules:
+        try:
+            import mamba_ssm  # noqa: F401
+        except ImportError:
+            # A skip-build install: the package __init__ needs selective_scan_cuda, the
+            # Triton submodules do not. Register a bare package so they can be imported.
+            spec = importlib.util.find_spec("mamba_ssm")
+            if spec is None or spec.submodule_search_locations is None:
+                return None
+            package = types.ModuleType("mamba_ssm")
+            package.__path__ = list(spec.submodule_search_locations)
+            package.__spec__ = spec
+            sys.modules["mamba_ssm"] = package
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as err:  # a broken install must not stop the CPU path
+        logger.warning("mamba-ssm found but its Triton kernels failed to import: %s", err)
+        return None
+    _mamba_triton = (mamba_chunk_scan_combined, rmsnorm_fn)
+    return _mamba_triton
+
+
+def triton_available() -> bool:
+    return torch.cuda.is_available() and _import_mamba_triton() is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Pick the implementation for tensors on `device`: 'auto' takes Triton on CUDA when it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"ssd_backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    elif backend == "triton":
+        if device.type != "cuda":
+            raise ValueError(
+                "ssd_backend='triton' needs CUDA tensors; use 'auto' or 'torch' on CPU"
+            )
+        if _import_mamba_triton() is None:
+            raise ImportError(
+                "ssd_backend='triton' needs mamba-ssm's Triton kernels: "
+                "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "
+                "pip install --no-build-isolation --no-deps mamba-ssm (see README)"
+            )
+    if (backend, device.type) not in _logged_backends:
+        _logged_backends.add((backend, device.type))
+        where = "mamba-ssm Triton kernels" if backend == "triton" else "pure PyTorch (chunked)"
+        logger.info("SSD backend on %s: %s", device.type, where)
+    return backend
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch reference implementations
+# --------------------------------------------------------------------------------------
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = sum(x[..., j+1 : i+1]) for i >= j, -inf above the diagonal."""
+    T = x.size(-1)
+    x = x[..., None].expand(*x.shape, T)  # (..., T, T): x_i in row i, every column
+    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~lower, 0)
+    out = torch.cumsum(x, dim=-2)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~causal, -math.inf)
+
+
+def _discretize(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool) -> torch.Tensor:
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    return F.softplus(dt) if dt_softplus else dt
+
+
+def _heads_from_groups(t: torch.Tensor, nheads: int) -> torch.Tensor:
+    """(B, L, G, N) -> (B, L, H, N): each group serves H / G consecutive heads."""
+    return t.repeat_interleave(nheads // t.size(2), dim=2)
+
+
+def ssd_recurrent(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> torch.Tensor:
+    """SSD as a step-by-step recurrence; O(L) Python steps, for tests and documentation.
+
+    x (B, L, H, P), dt (B, L, H), A (H), B and C (B, L, G, N), D (H) -> y (B, L, H, P).
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    delta = _discretize(dt, dt_bias, dt_softplus).to(x.dtype)  # (B, L, H)
+    Bh, Ch = _heads_from_groups(B, nheads), _heads_from_groups(C, nheads)  # (B, L, H, N)
+    state = x.new_zeros(batch, nheads, headdim, B.size(-1))  # (B, H, P, N)
+    ys = []
+    for t in range(seqlen):
+        decay = torch.exp(delta[:, t] * A)  # (B, H)
+        update = (delta[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        state = decay[..., None, None] * state + update
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+    y = torch.stack(ys, dim=1)  # (B, L, H, P)
+    if D is not None:
+        y = y + D[:, None] * x
+    return y
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> torch.Tensor:
+    """SSD by the chunked (state space duality) algorithm in plain PyTorch.
+
+    Same arguments and result as mamba-ssm's `mamba_chunk_scan_combined` (without z,
+    initial states or varlen): x (B, L, H, P), dt (B, L, H), A (H), B and C (B, L, G, N),
+    D (H), dt_bias (H). Any L: the tail is padded to a whole chunk with dt = 0, which
+    neither decays nor feeds the state, and cut off again.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    Q = chunk_size
+    delta = _discretize(dt, dt_bias, dt_softplus).to(x.dtype)  # (B, L, H)
+    pad = (-seqlen) % Q
+    xs, Bs, Cs = x, B, C
+    if pad:
+        xs = F.pad(x, (0, 0, 0, 0, 0, pad))
+        delta = F.pad(delta, (0, 0, 0, pad))
+        Bs = F.pad(B, (0, 0, 0, 0, 0, pad))
+        Cs = F.pad(C, (0, 0, 0, 0, 0, pad))
+    nchunks = (seqlen + pad) // Q
+    groups = B.size(2)
+    heads_per_group = nheads // groups
+
+    # Chunked views: c chunks of Q steps; heads split as (G, H/G) to share B and C.
+    X = (xs * delta[..., None]).view(batch, nchunks, Q, groups, heads_per_group, headdim)
+    Bc = Bs.view(batch, nchunks, Q, groups, -1)  # (B, c, Q, G, N)
+    Cc = Cs.view(batch, nchunks, Q, groups, -1)
+    A_dt = (delta * A).view(batch, nchunks, Q, groups, heads_per_group)
+    A_dt = A_dt.permute(0, 3, 4, 1, 2)  # (B, G, H/G, c, Q)
+    A_cum = torch.cumsum(A_dt, dim=-1)
+
+    # 1. Inside each chunk: y = (M o C B^T) X, the quadratic (attention-like) form.
+    decay_in = torch.exp(_segsum(A_dt))  # (B, G, H/G, c, Q, Q)
+    CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)  # (B, G, c, Q, Q)
+    scores = CB[:, :, None] * decay_in  # (B, G, H/G, c, Q, Q)
+    y_diag = torch.einsum("bgkcls,bcsgkp->bclgkp", scores, X)
+
+    # 2. Each chunk's contribution to the state at its end.
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (B, G, H/G, c, Q)
+    states = torch.einsum("bclgn,bgkcl,bclgkp->bcgkpn", Bc, decay_to_end, X)
+
+    # 3. Carry states across chunks: the state at the end of chunk z sums the chunks
+    # j <= z, each decayed over the chunks after it; chunk z starts from that of z - 1.
+    decay_chunks = torch.exp(_segsum(A_cum[..., -1]))  # (B, G, H/G, c, c)
+    states_end = torch.einsum("bgkzc,bcgkpn->bzgkpn", decay_chunks, states)
+    states_in = torch.cat([torch.zeros_like(states_end[:, :1]), states_end[:, :-1]], dim=1)
+
+    # 4. The carried state read out at every step of the chunk.
+    decay_from_start = torch.exp(A_cum)  # (B, G, H/G, c, Q)
+    y_off = torch.einsum("bclgn,bcgkpn,bgkcl->bclgkp", Cc, states_in, decay_from_start)
+
+    y = (y_diag + y_off).reshape(batch, nchunks * Q, nheads, headdim)[:, :seqlen]
+    if D is not None:
+        y = y + D[:, None] * x
+    return y
+
+
+def rmsnorm_gated_reference(
+    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Gate, then RMS-normalise: v = x * silu(z); weight * v / sqrt(mean(v^2) + eps)."""
+    v = x.float() * F.silu(z.float())
+    out = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (out * weight.float()).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SSD scan, (B, L, H, P) -> (B, L, H, P), on the backend chosen for `x.device`."""
+    if resolve_backend(backend, x.device) == "triton":
+        mamba_chunk_scan_combined, _ = _import_mamba_triton()
+        return mamba_chunk_scan_combined(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size=chunk_size,
+            D=D,
+            dt_bias=dt_bias,
+            dt_softplus=dt_softplus,
+        )
+    return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+def rmsnorm_gated(
+    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
+) -> torch.Tensor:
+    """Gated RMSNorm over the last axis (gate before norm), on the chosen backend."""
+    if resolve_backend(backend, x.device) == "triton":
+        _, rmsnorm_fn = _import_mamba_triton()
+        return rmsnorm_fn(x, weight, None, z=z, eps=eps, norm_before_gate=False)
+    return rmsnorm_gated_reference(x, z, weight, eps)
+
+
+# --------------------------------------------------------------------------------------
+# The time-aware SSD block
+# --------------------------------------------------------------------------------------
+
+
+class CausalDepthwiseConv1d(nn.Conv1d):
+    """Depthwise Conv1d along L that sees only the current and K - 1 earlier steps."""
+
+    def __init__(self, channels: int, kernel_size: int) -> None:
+        super().__init__(
+            channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=True
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, C, L)
+        return super().forward(x)[..., : x.size(-1)]
+
+
+class TiSSDBlock(nn.Module):
+    """Mamba-2 (SSD) mixer whose step size dt is modulated by the time-gap signal T.
+
+    Input u (B, L, d) and T (B, H, L); returns (out (B, L, d), T' (B, H, L)). With
+    ``is_time=False`` the time path is absent and T passes through unchanged (SSD4Rec).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        max_seq_length: int,
+        d_state: int = 32,
+        d_conv: int = 4,
+        expand: int = 2,
+        head_dim: int = 32,
+        chunk_size: int = 32,
+        norm_eps: float = 1e-5,
+        is_time: bool = True,
+        p2p_residual: bool = False,
+        time_drop_out: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_inner = expand * d_model
+        if self.d_inner % head_dim != 0:
+            raise ValueError(
+                f"head_dim ({head_dim}) must divide expand * hidden_size ({self.d_inner})"
+            )
+        self.d_state = d_state
+        self.head_dim = head_dim
+        self.nheads = self.d_inner // head_dim
+        self.chunk_size = chunk_size
+        self.norm_eps = norm_eps
+        self.is_time = is_time
+        if backend not in BACKENDS:
+            raise ValueError(f"ssd_backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+        # [z | xBC | dt]: gate, conv input (x, B, C with one group), per-head step size
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads)
+        conv_dim = self.d_inner + 2 * d_state
+        self.conv1d = CausalDepthwiseConv1d(conv_dim, d_conv)
+        self.act = nn.Hardswish()
+
+        # dt_bias = softplus^-1(dt0), dt0 log-uniform in [1e-3, 1e-1], as in Mamba-2.
+        dt0 = torch.exp(torch.rand(self.nheads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        dt0 = dt0.clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt0 + torch.log(-torch.expm1(-dt0)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model)
+
+        if is_time:
+            L = max_seq_length
+            self.time_conv_1 = CausalDepthwiseConv1d(self.nheads, d_conv)
+            self.time_conv_2 = CausalDepthwiseConv1d(self.nheads, d_conv)
+            self.time_mlp = nn.Sequential(
+                nn.Dropout(time_drop_out), nn.Linear(L, L), nn.SiLU(), nn.Linear(L, L)
+            )
+            self.time_gate = nn.Sequential(
+                nn.Dropout(time_drop_out), nn.Linear(L, L if p2p_residual else 1), nn.Sigmoid()
+            )
+            self.time_norm = nn.LayerNorm(L)
+
+    def forward(
+        self, u: torch.Tensor, time_signal: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seqlen, _ = u.shape
+        H, P, N = self.nheads, self.head_dim, self.d_state
+        z, xBC, dt = torch.split(
+            self.in_proj(u), [self.d_inner, self.d_inner + 2 * N, H], dim=-1
+        )  # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
+        xBC = self.act(self.conv1d(xBC.transpose(1, 2))).transpose(1, 2)  # (B, L, d_in + 2N)
+
+        theta = None
+        if self.is_time:
+            T = time_signal  # (B, H, L)
+            gated = T * self.time_mlp(T)
+            theta = self.act(self.time_conv_2(self.act(self.time_conv_1(gated))))  # (B, H, L)
+            dt = dt * theta.transpose(1, 2)  # (B, L, H)
+
+        x, B, C = torch.split(xBC, [self.d_inner, N, N], dim=-1)
+        y = ssd_scan(
+            x.reshape(batch, seqlen, H, P),
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.reshape(batch, seqlen, 1, N),
+            C.reshape(batch, seqlen, 1, N),
+            chunk_size=self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            backend=self.backend,
+        )  # (B, L, H, P)
+        y = rmsnorm_gated(
+            y.reshape(batch, seqlen, self.d_inner),
+            z,
+            self.norm_weight,
+            self.norm_eps,
+            backend=self.backend,
+        )
+        out = self.out_proj(y)  # (B, L, d)
+
+        if not self.is_time:
+            return out, time_signal
+        g = self.time_gate(time_signal)  # (B, H, L) or (B, H, 1)
+        time_next = self.time_norm(g * time_signal + (1 - g) * theta)  # (B, H, L)
+        return out, time_next
