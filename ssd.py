@@ -119,9 +119,10 @@ def _segsum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _discretize(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool) -> torch.Tensor:
-    dt = dt.float()
+    dtype = torch.promote_types(dt.dtype, torch.float32)  # at least float32, float64 stays
+    dt = dt.to(dtype)
     if dt_bias is not None:
-        dt = dt + dt_bias.float()
+        dt = dt + dt_bias.to(dtype)
     return F.softplus(dt) if dt_softplus else dt
 
 
@@ -230,9 +231,10 @@ def rmsnorm_gated_reference(
     x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """Gate, then RMS-normalise: v = x * silu(z); weight * v / sqrt(mean(v^2) + eps)."""
-    v = x.float() * F.silu(z.float())
+    dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32, float64 stays
+    v = x.to(dtype) * F.silu(z.to(dtype))
     out = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (out * weight.float()).to(x.dtype)
+    return (out * weight.to(dtype)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,7 +384,7 @@ class TiSSDBlock(nn.Module):
         y = ssd_scan(
             x.reshape(batch, seqlen, H, P),
             dt,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
             B.reshape(batch, seqlen, 1, N),
             C.reshape(batch, seqlen, 1, N),
             chunk_size=self.chunk_size,

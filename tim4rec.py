@@ -77,7 +77,7 @@ class TimeGapEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(max_seq_length)
 
     def forward(self, timestamps: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
-        timestamps = timestamps.float()
+        timestamps = timestamps.to(self.layer_norm.weight.dtype)
         gaps = torch.zeros_like(timestamps)
         gaps[:, 1:] = timestamps[:, 1:] - timestamps[:, :-1]  # (B, L)
         if self.encoding == "paper":

@@ -1,0 +1,48 @@
+"""Shared fixtures: small real data slices and the GPU skip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data import BUNDLED
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_slice(folder: Path, name: str, source: Path, n_users: int) -> Path:
+    """Copy the interactions of the first `n_users` users of an atomic file into folder/name/."""
+    lines = source.read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    keep: list[str] = []
+    users: set[str] = set()
+    for row in rows:
+        user = row.split("\t", 1)[0]
+        if user not in users:
+            if len(users) == n_users:
+                continue
+            users.add(user)
+        keep.append(row)
+    out = folder / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.inter").write_text("\n".join([header, *keep]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ml100k_slice(tmp_path_factory) -> Path:
+    """data_path holding `ml-slice`: the first 150 users of the bundled ml-100k."""
+    folder = tmp_path_factory.mktemp("data")
+    return write_slice(folder, "ml-slice", BUNDLED["ml-100k"] / "ml-100k.inter", n_users=150)
