@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import sys
 import time
 from logging import getLogger
 from pathlib import Path
 
+import recbole.utils.logger as recbole_logger
 from recbole.utils import init_logger, init_seed
 
+from pipeline import distributed
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import REPO_ROOT, ConfigError, build_config, parse_args
 from pipeline.data import DatasetError, load_data
 from pipeline.registry import get_model_class
-from pipeline.trainer import ProjectTrainer
+from pipeline.trainer import TrainingInterrupted, new_run_id
 from pipeline.validate import validate_config
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError)
@@ -25,10 +29,12 @@ def prepare_run(model_name: str, config_files: list[Path], overrides: dict):
     """Config, logger, seed, data and model: everything a run needs before training."""
     os.chdir(REPO_ROOT)  # log/, log_tensorboard/ and saved/ live at the repository root
     model_class = get_model_class(model_name)
+    overrides = distributed.init_from_env(overrides)  # torchrun: join the process group
     config = build_config(model_class, config_files, overrides)
+    distributed.adapt_config(config)
     validate_config(config)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    init_run_logger(config)
     logger = getLogger()
     logger.info(config)
     ensure_writable(config["checkpoint_dir"])
@@ -48,17 +54,22 @@ def train(model_name: str, config_files: list[Path], overrides: dict) -> dict:
         model_name, config_files, overrides
     )
     logger = getLogger()
-    trainer = ProjectTrainer(config, model, dataset)
+    trainer = distributed.make_trainer(config, model, dataset)
     if config["checkpoint_path"]:
         trainer.resume_checkpoint(config["checkpoint_path"])
+    # A full disk fails here, not when the first checkpoint is written.
+    ensure_writable(Path(trainer.saved_model_file).parent, trainer.disk_bytes_needed())
     start = time.time()
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=True, show_progress=config["show_progress"]
-    )
-    train_seconds = time.time() - start
-    test_result = trainer.evaluate(
-        test_data, load_best_model=True, show_progress=config["show_progress"]
-    )
+    try:
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=True, show_progress=config["show_progress"]
+        )
+        train_seconds = time.time() - start
+        test_result = trainer.evaluate(
+            test_data, load_best_model=True, show_progress=config["show_progress"]
+        )
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints on disk are whole (atomic writes)
+        raise trainer.interrupted() from None
     logger.info(f"best valid: {dict(best_valid_result or {})}")
     logger.info("test result:\n" + metrics_table(test_result))
     logger.info(f"checkpoint: {trainer.saved_model_file}")
@@ -66,10 +77,14 @@ def train(model_name: str, config_files: list[Path], overrides: dict) -> dict:
         "model": model_name,
         "dataset": config["dataset"],
         "checkpoint": trainer.saved_model_file,
+        "last_checkpoint": trainer.last_model_file,
         "best_valid_score": float(best_valid_score),
         "valid": {k: float(v) for k, v in (best_valid_result or {}).items()},
         "test": {k: float(v) for k, v in test_result.items()},
         "train_seconds": train_seconds,
+        "epoch_seconds": [h["train_seconds"] for h in trainer.history],  # compare.py
+        "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "device": str(config["device"]),
     }
 
 
@@ -80,7 +95,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: dict) -> dict:
     stored = dict(payload["config"])
     stored.update(overrides)
     config, dataset, (_, _, test_data), model = prepare_run(model_name, [], stored)
-    trainer = ProjectTrainer(config, model, dataset)
+    trainer = distributed.make_trainer(config, model, dataset)
     result = trainer.evaluate(
         test_data,
         load_best_model=True,
@@ -108,8 +123,8 @@ def metrics_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def ensure_writable(folder: str | os.PathLike) -> None:
-    """Fail before training, not after it, when checkpoints cannot be written."""
+def ensure_writable(folder: str | os.PathLike, need_bytes: int = 0) -> None:
+    """Fail before training, not after it, when checkpoints cannot be written or will not fit."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +132,41 @@ def ensure_writable(folder: str | os.PathLike) -> None:
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"cannot write checkpoints to {folder}: {err.strerror}") from None
+        raise ConfigError(
+            f"cannot write checkpoints to {folder}: {err.strerror or err}; "
+            "set --checkpoint_dir=<a writable folder>"
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"not enough disk space for checkpoints in {folder}: {free / 2**20:.1f} MiB free, "
+            f"{need_bytes / 2**20:.1f} MiB needed (best + last checkpoint + one being written); "
+            "free some space or set --checkpoint_dir=<a folder on another disk>"
+        )
+
+
+def init_run_logger(config) -> None:
+    """RecBole's logger, with a file name unique to this run.
+
+    RecBole names the log `<Model>-<dataset>-<time>-<md5 of config>.log`: two runs of one
+    config started in the same second would share it. We put the run id (time + random
+    suffix, also in the checkpoint names) where RecBole puts the time; the tensorboard
+    folder takes the same name.
+    """
+    config["run_id"] = new_run_id()
+    local_time = recbole_logger.get_local_time
+    recbole_logger.get_local_time = lambda: config["run_id"]
+    try:
+        init_logger(config)
+    finally:
+        recbole_logger.get_local_time = local_time
+
+
+def resume_command(argv: list[str], checkpoint: str) -> str:
+    """The command line that continues an interrupted `python <script> <argv>` run."""
+    kept = [a for a in argv if not a.startswith("--checkpoint_path=")]
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "run.py"
+    return shlex.join(["python", script, *kept, f"--checkpoint_path={checkpoint}"])
 
 
 def main(model_name: str, argv: list[str] | None = None, default_config: Path | None = None) -> int:
@@ -129,8 +178,15 @@ def main(model_name: str, argv: list[str] | None = None, default_config: Path | 
         result = train(model_name, files, args.overrides)
     except USER_ERRORS as err:
         return _fail(err)
-    print(metrics_table(result["test"]))
-    print(f"best checkpoint: {result['checkpoint']}")
+    except TrainingInterrupted as stop:
+        print(interrupted_message(stop, argv), file=sys.stderr)
+        return 130  # the shell's code for "ended by SIGINT"
+    except KeyboardInterrupt:
+        print("interrupted before training started", file=sys.stderr)
+        return 130
+    if distributed.is_main_process():
+        print(metrics_table(result["test"]))
+        print(f"best checkpoint: {result['checkpoint']}")
     return 0
 
 
@@ -144,8 +200,21 @@ def test_main(argv: list[str] | None = None) -> int:
         result = evaluate_checkpoint(args.checkpoint, args.overrides)
     except USER_ERRORS as err:
         return _fail(err)
-    print(metrics_table(result["test"]))
+    if distributed.is_main_process():
+        print(metrics_table(result["test"]))
     return 0
+
+
+def interrupted_message(stop: TrainingInterrupted, argv: list[str]) -> str:
+    lines = ["training interrupted."]
+    if stop.best_file:
+        lines.append(f"best checkpoint so far: {stop.best_file}")
+    if stop.last_file:
+        lines.append(f"to resume after epoch {stop.last_epoch}:")
+        lines.append("  " + resume_command(argv, stop.last_file))
+    else:
+        lines.append("no epoch finished, so there is nothing to resume; start the run again")
+    return "\n".join(lines)
 
 
 def _fail(err: Exception) -> int:

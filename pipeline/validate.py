@@ -1,8 +1,48 @@
-"""Checks on a merged configuration, so that a bad key fails at start with a clear message."""
+"""Checks on a merged configuration, so that a bad key fails at start with a clear message.
+
+Three kinds of check, each raising ConfigError that names the key and the fix:
+- unknown keys (typos): a key set by a config file or override must be one RecBole or this
+  project knows; the closest known key is suggested;
+- types of the keys this project relies on (bool is not accepted as int);
+- values and consistency (positive sizes, dropout in [0, 1), head_dim | expand * hidden_size,
+  MAX_ITEM_LIST_LENGTH >= 2, known time_encoding / ssd_backend).
+"""
 
 from __future__ import annotations
 
-from pipeline.config import ConfigError
+import difflib
+import functools
+from pathlib import Path
+
+import recbole
+import yaml
+
+from pipeline.config import REPO_ROOT, ConfigError
+
+RECBOLE_PROPERTIES = Path(recbole.__file__).parent / "properties"
+# RecBole's yaml files of download links: their keys are dataset names, not settings.
+NOT_SETTINGS = {"url.yaml", "kg_url.yaml"}
+# Keys RecBole's Config sets itself or reads without listing them in its yaml files, and
+# the two this pipeline adds (pipeline/config.py).
+RECBOLE_INTERNAL_KEYS = {
+    "model",
+    "dataset",
+    "device",
+    "MODEL_TYPE",
+    "MODEL_INPUT_TYPE",
+    "eval_type",
+    "single_spec",
+    "local_rank",
+    "world_size",
+    "nproc",
+    "offset",
+    "ip",
+    "port",
+    "valid_neg_sample_args",
+    "test_neg_sample_args",
+    "config_files",
+    "overrides",
+}
 
 # The project's own keys and the types they take (bool is not accepted as int).
 PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
@@ -26,13 +66,95 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "eval_batch_size": (int,),
     "epochs": (int,),
     "learning_rate": (float, int),
+    "weight_decay": (float, int),
     "stopping_step": (int,),
+    "eval_step": (int,),
     "seed": (int,),
+    "deterministic": (bool,),
+    "dataset": (str,),
 }
+POSITIVE_KEYS = (
+    "hidden_size",
+    "num_layers",
+    "d_state",
+    "d_conv",
+    "expand",
+    "head_dim",
+    "chunk_size",
+    "train_batch_size",
+    "eval_batch_size",
+    "learning_rate",
+    "norm_eps",
+)
+PROBABILITY_KEYS = ("dropout_prob", "time_drop_out")
 
 
-def validate_config(config) -> None:
-    """Raise ConfigError naming the key, the value and the fix."""
+def yaml_keys(path: Path) -> set[str]:
+    """Top-level keys of a YAML mapping; an unreadable file contributes none (loading it as a
+    config reports its own error)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return set()
+    return {str(key) for key in data} if isinstance(data, dict) else set()
+
+
+@functools.lru_cache(maxsize=1)
+def known_keys() -> frozenset[str]:
+    """Every key RecBole or this project defines: RecBole's properties (overall, dataset and
+    model yaml files), every yaml under config/ and baseline/, and the internal keys above."""
+    files = [RECBOLE_PROPERTIES / "overall.yaml"]
+    for folder in ("dataset", "model", "quick_start_config"):
+        files += sorted((RECBOLE_PROPERTIES / folder).glob("*.yaml"))
+    for folder in ("config", "baseline"):
+        files += sorted((REPO_ROOT / folder).rglob("*.yaml"))
+    keys = set(RECBOLE_INTERNAL_KEYS) | set(PROJECT_KEY_TYPES)
+    for path in files:
+        if path.name not in NOT_SETTINGS:
+            keys |= yaml_keys(path)
+    return frozenset(keys)
+
+
+def closest_key(key: str, known: frozenset[str]) -> str | None:
+    """The known key most like `key`, case-insensitively ('max_item_list_length' finds
+    'MAX_ITEM_LIST_LENGTH')."""
+    by_lower = {k.lower(): k for k in sorted(known)}
+    match = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.75)
+    return by_lower[match[0]] if match else None
+
+
+def key_source(config, key: str) -> str:
+    """Where a key was set: an override or one of the run's config files."""
+    if key in (config["overrides"] or {}):
+        return f"--{key}=... override"
+    for path in reversed(config["config_files"] or []):
+        if key in yaml_keys(Path(path)):
+            return str(path)
+    return "the configuration"
+
+
+def project_files(config) -> list[Path]:
+    """The run's config files that live in config/ or baseline/ (their keys are known)."""
+    folders = (REPO_ROOT / "config", REPO_ROOT / "baseline")
+    paths = (Path(p).resolve() for p in config["config_files"] or [])
+    return [p for p in paths if any(p.is_relative_to(folder) for folder in folders)]
+
+
+def check_unknown_keys(config) -> None:
+    known = known_keys()
+    extra = set().union(*(yaml_keys(p) for p in project_files(config)))  # edited since cached
+    for key in config.external_config_dict:
+        if key in known or key in extra:
+            continue
+        suggestion = closest_key(key, known)
+        hint = f"did you mean '{suggestion}'?" if suggestion else "remove it or fix its name."
+        raise ConfigError(
+            f"unknown config key '{key}' (in {key_source(config, key)}): {hint} Known keys are "
+            "RecBole's settings and those in config/, config/model/ and baseline/"
+        )
+
+
+def check_types(config) -> None:
     for key, types in PROJECT_KEY_TYPES.items():
         if key not in config.final_config_dict or config[key] is None:
             continue
@@ -42,11 +164,44 @@ def validate_config(config) -> None:
             raise ConfigError(
                 f"config key {key} must be {names}, got {value!r} ({type(value).__name__})"
             )
-    if config["MAX_ITEM_LIST_LENGTH"] is not None and config["MAX_ITEM_LIST_LENGTH"] < 2:
-        raise ConfigError("MAX_ITEM_LIST_LENGTH must be >= 2 (a history and a target)")
-    if config["head_dim"] and config["hidden_size"] and config["expand"]:
-        d_inner = config["expand"] * config["hidden_size"]
-        if d_inner % config["head_dim"]:
+
+
+def check_values(config) -> None:
+    def value(key):
+        return config[key] if key in config.final_config_dict else None
+
+    for key in POSITIVE_KEYS:
+        if value(key) is not None and value(key) <= 0:
+            raise ConfigError(f"config key {key} must be positive, got {value(key)!r}")
+    for key in PROBABILITY_KEYS:
+        if value(key) is not None and not 0 <= value(key) < 1:
             raise ConfigError(
-                f"head_dim ({config['head_dim']}) must divide expand * hidden_size ({d_inner})"
+                f"config key {key} is a dropout probability in [0, 1), got {value(key)!r}"
             )
+    length = value("MAX_ITEM_LIST_LENGTH")
+    if length is not None and length < 2:
+        raise ConfigError(
+            f"MAX_ITEM_LIST_LENGTH must be >= 2 (a history and a target), got {length}"
+        )
+    head_dim, hidden, expand = value("head_dim"), value("hidden_size"), value("expand")
+    if head_dim and hidden and expand and (expand * hidden) % head_dim:
+        raise ConfigError(
+            f"head_dim ({head_dim}) must divide expand * hidden_size ({expand} * {hidden} = "
+            f"{expand * hidden}): the SSD splits its inner width into heads of head_dim"
+        )
+    if value("time_encoding") is not None or value("ssd_backend") is not None:
+        from ssd import BACKENDS
+        from tim4rec import TIME_ENCODINGS
+
+        for key, choices in (("time_encoding", TIME_ENCODINGS), ("ssd_backend", BACKENDS)):
+            if value(key) is not None and value(key) not in choices:
+                raise ConfigError(
+                    f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
+                )
+
+
+def validate_config(config) -> None:
+    """Raise ConfigError naming the key, the value and the fix."""
+    check_unknown_keys(config)
+    check_types(config)
+    check_values(config)
