@@ -83,6 +83,7 @@ def train(model_name: str, config_files: list[Path], overrides: dict) -> dict:
         "test": {k: float(v) for k, v in test_result.items()},
         "train_seconds": train_seconds,
         "epoch_seconds": [h["train_seconds"] for h in trainer.history],  # compare.py
+        "valid_curve": [h.get("valid_score") for h in trainer.history],  # valid_metric per epoch
         "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "device": str(config["device"]),
     }

@@ -49,6 +49,7 @@ def test_triton_ssd_forward_backward_match_torch(shape):
         (y * grad_out).sum().backward()
         results[backend] = (y.detach(), {k: v.grad for k, v in leaves.items()})
     y_tri, g_tri = results["triton"]
+    errors = {"y": (y_tri - results["torch"][0]).abs().max().item()}
     y_ref, g_ref = results["torch"]
     # float64 truth to size the error of both paths
     truth = ssd_chunked(**{k: v.double() for k, v in inp.items()}, chunk_size=32, dt_softplus=True)
@@ -58,7 +59,13 @@ def test_triton_ssd_forward_backward_match_torch(shape):
     for name in inp:
         ref = g_ref[name]
         err = (g_tri[name] - ref).abs().max().item()
+        errors["d" + name] = err
         assert err <= 3e-2 * ref.abs().max().item() + 1e-4, (name, err)
+
+    print(
+        f"\n[gpu] SSD {shape} max |triton - torch|: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+    )
 
 
 def test_triton_rmsnorm_gated_matches_torch():
@@ -75,6 +82,11 @@ def test_triton_rmsnorm_gated_matches_torch():
         y = rmsnorm_gated(x, z, w, 1e-5, backend=backend)
         (y * grad_out).sum().backward()
         outs[backend] = (y.detach(), x.grad.clone(), z.grad.clone(), w.grad.clone())
+    diffs = [(a - b).abs().max().item() for a, b in zip(outs["triton"], outs["torch"])]
+    print(
+        "\n[gpu] gated RMSNorm max |triton - torch| (y, dx, dz, dw): "
+        + ", ".join(f"{d:.2e}" for d in diffs)
+    )
     for a, b in zip(outs["triton"], outs["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outs["torch"][0], rmsnorm_gated_reference(x, z, w, 1e-5).detach())
@@ -114,6 +126,7 @@ def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
     assert model.layers[0].block.backend == "auto"
     scale = cpu_scores.abs().max().item()
     err = (cuda_scores - cpu_scores).abs().max().item()
+    print(f"\n[gpu] {model_name} scores max |cuda - cpu| {err:.2e} (max |score| {scale:.2e})")
     assert err < 1e-2 * scale, err
     # the top-10 lists agree up to ties broken by TF32 noise
     top_cpu = cpu_scores.topk(10).indices

@@ -4,7 +4,7 @@
 # On a networked machine (same Python version as the GPU machine, here 3.12):
 #   pip download --no-deps -d .wheels recbole==1.2.0 colorlog==4.7.2 colorama==0.4.4 texttable thop
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .wheels "pandas>=2.2,<3"
+#       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .wheels "pandas>=2.2,<3" pytz tzdata
 #   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 #       pip wheel --no-deps --no-build-isolation -w .wheels mamba-ssm==2.3.2.post1
 # Then, on the GPU machine:  source tools/offline_gpu_setup.sh [.wheels]

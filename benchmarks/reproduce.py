@@ -1,0 +1,248 @@
+"""Reproduce a paper table: several models x seeds on one dataset, runs in parallel, one report.
+
+    python -m benchmarks.reproduce --dataset amazon-beauty \\
+        --tim4rec-config config/config4beauty_64d.yaml \\
+        --models TiM4Rec,TiM4Rec:corrected,SSD4Rec,SASRec,Mamba4Rec --seeds 2020,2021,2022 \\
+        --parallel 9 --out results/beauty
+
+TiM4Rec variants and SSD4Rec use `--tim4rec-config` (SSD4Rec = the same settings without
+the time path); other models use `baseline/<Model>/config.yaml` with `--dataset`. Each run
+is `pipeline.runner.train` in its own process, with its own checkpoint folder. A run still
+going at `--deadline` seconds gets SIGINT, tests its best checkpoint so far on the test
+split, and is marked as cut in the report. Writes runs.json, report.md and valid_ndcg.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PAPER = {  # ../shared/TIM4REC_SPEC.md: TiM4Rec 64d on Amazon Beauty
+    "amazon-beauty": {
+        "hit@10": 0.0854,
+        "ndcg@10": 0.0446,
+        "mrr@10": 0.0321,
+        "hit@20": 0.1204,
+        "ndcg@20": 0.0533,
+        "hit@50": 0.1800,
+        "ndcg@50": 0.0651,
+    },
+}
+METRICS = [
+    "hit@10",
+    "ndcg@10",
+    "mrr@10",
+    "hit@20",
+    "ndcg@20",
+    "mrr@20",
+    "hit@50",
+    "ndcg@50",
+    "mrr@50",
+]
+
+
+def run_spec(name: str, seed: int, args) -> dict:
+    model, _, variant = name.partition(":")
+    overrides = {"seed": seed, "show_progress": False, **args.overrides}
+    if variant:
+        overrides["time_encoding"] = variant
+    if model in ("TiM4Rec", "SSD4Rec"):
+        files = [str(Path(args.tim4rec_config).resolve())]
+    else:
+        files = [str(REPO_ROOT / "baseline" / model / "config.yaml")]
+        overrides["dataset"] = args.dataset
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    tag = f"{name.replace(':', '-')}-s{seed}"
+    overrides["checkpoint_dir"] = str(Path(args.out).resolve() / "saved" / tag)
+    return {
+        "name": name,
+        "model": model,
+        "seed": seed,
+        "files": files,
+        "overrides": overrides,
+        "tag": tag,
+    }
+
+
+def worker(spec_path: str) -> None:
+    from pipeline.runner import train
+
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        result = train(spec["model"], [Path(f) for f in spec["files"]], spec["overrides"])
+    except KeyboardInterrupt:  # the deadline (SIGINT): test the best model so far
+        result = evaluate_partial(spec)
+    Path(spec_path).with_suffix(".result.json").write_text(json.dumps(result))
+
+
+def evaluate_partial(spec: dict) -> dict | None:
+    """A run stopped at the deadline: test its best checkpoint, keep its history."""
+    import torch
+
+    from pipeline.runner import evaluate_checkpoint
+
+    folder = Path(spec["overrides"]["checkpoint_dir"])
+    best = [p for p in folder.glob("*.pth") if not p.name.endswith("-last.pth")]
+    last = [p for p in folder.glob("*-last.pth")]
+    if not best:
+        return None
+    result = evaluate_checkpoint(best[0], {"show_progress": False})
+    history = torch.load(last[0], weights_only=True)["history"] if last else []
+    result["epoch_seconds"] = [h["train_seconds"] for h in history]
+    result["valid_curve"] = [h.get("valid_score") for h in history]
+    result["stopped_at_deadline"] = True
+    return result
+
+
+def launch(
+    specs: list[dict], parallel: int, deadline: float, out: Path, grace: float = 120
+) -> list[dict]:
+    pending, running, done = list(specs), [], []
+    start = time.time()
+    while pending or running:
+        while pending and len(running) < parallel:
+            spec = pending.pop(0)
+            spec_path = out / "runs" / f"{spec['tag']}.json"
+            spec_path.parent.mkdir(parents=True, exist_ok=True)
+            spec_path.write_text(json.dumps(spec))
+            log = open(out / "runs" / f"{spec['tag']}.log", "w")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.reproduce", "--worker", str(spec_path)],
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=log,
+            )
+            running.append((spec, spec_path, proc, log))
+            print(f"[{time.time() - start:6.0f}s] started {spec['tag']}", flush=True)
+        time.sleep(2)
+        over = deadline and time.time() - start > deadline
+        if over:
+            pending.clear()
+            for _, _, proc, _ in running:  # each worker tests its best checkpoint, then exits
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+            for _, _, proc, _ in running:
+                try:
+                    proc.wait(timeout=max(5.0, grace - (time.time() - start - deadline)))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for item in list(running):
+            spec, spec_path, proc, log = item
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            result_path = spec_path.with_suffix(".result.json")
+            result = json.loads(result_path.read_text()) if result_path.exists() else None
+            done.append({**spec, "result": result})
+            state = "stopped" if result and result.get("stopped_at_deadline") else "finished"
+            print(
+                f"[{time.time() - start:6.0f}s] {state} {spec['tag']}"
+                f" ndcg@10={result['test']['ndcg@10'] if result else 'n/a'}",
+                flush=True,
+            )
+    return done
+
+
+def summarize(runs: list[dict], dataset: str) -> str:
+    names = list(dict.fromkeys(r["name"] for r in runs))
+    header = (
+        "| model | seeds | epochs | s/epoch | "
+        + " | ".join(m.upper().replace("HIT", "HR") for m in METRICS)
+        + " |"
+    )
+    lines = [header, "|---" * (len(METRICS) + 4) + "|"]
+    paper = PAPER.get(dataset)
+    if paper:
+        cells = [f"{paper[m]:.4f}" if m in paper else "-" for m in METRICS]
+        lines.append("| TiM4Rec (paper) | - | - | - | " + " | ".join(cells) + " |")
+    for name in names:
+        results = [r["result"] for r in runs if r["name"] == name and r["result"]]
+        if not results:
+            lines.append(f"| {name} | 0 | - | - | " + " | ".join("-" for _ in METRICS) + " |")
+            continue
+        cells = []
+        for m in METRICS:
+            values = [r["test"][m] for r in results]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.4f} ± {sd:.4f}")
+        epochs = [len(r.get("epoch_seconds", [])) for r in results]
+        warm = [s for r in results for s in r.get("epoch_seconds", [])[1:]]
+        per_epoch = f"{statistics.median(warm):.2f}" if warm else "-"
+        stopped = sum(1 for r in results if r.get("stopped_at_deadline"))
+        mark = f" ({stopped} cut at deadline)" if stopped else ""
+        lines.append(
+            f"| {name}{mark} | {len(results)} | {min(epochs)}-{max(epochs)} | {per_epoch} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in dict.fromkeys(r["name"] for r in runs):
+        curves = [r["result"]["valid_curve"] for r in runs if r["name"] == name and r["result"]]
+        for i, curve in enumerate(curves):
+            ax.plot(
+                range(len(curve)),
+                curve,
+                color=f"C{list(dict.fromkeys(x['name'] for x in runs)).index(name)}",
+                alpha=0.8,
+                label=name if i == 0 else None,
+            )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("valid NDCG@10")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(sys.argv[2])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="amazon-beauty")
+    parser.add_argument("--tim4rec-config", default="config/config4beauty_64d.yaml")
+    parser.add_argument("--models", default="TiM4Rec,TiM4Rec:corrected,SSD4Rec,SASRec,Mamba4Rec")
+    parser.add_argument("--seeds", default="2020,2021,2022")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the GPU)")
+    parser.add_argument("--epochs", type=int, default=0, help="cap on epochs (0: the config's)")
+    parser.add_argument("--deadline", type=float, default=0, help="seconds; then stop and report")
+    parser.add_argument("--out", default="results/reproduce")
+    args, rest = parser.parse_known_args()
+    from pipeline.config import parse_args
+
+    args.overrides = parse_args(rest).overrides
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [
+        run_spec(name, int(seed), args)
+        for seed in args.seeds.split(",")
+        for name in args.models.split(",")
+    ]
+    runs = launch(specs, args.parallel, args.deadline, out)
+    (out / "runs.json").write_text(json.dumps(runs, indent=1))
+    table = summarize(runs, args.dataset)
+    (out / "report.md").write_text(table + "\n")
+    plot(runs, out / "valid_ndcg.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
