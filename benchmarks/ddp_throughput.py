@@ -131,7 +131,8 @@ def launch(args: argparse.Namespace, nproc: int, result: Path, extra: list[str])
         f"--nproc_per_node={nproc}", "-m", "benchmarks.ddp_throughput",
         "--worker", str(result), *extra,
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    path = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))  # keep the caller's packages
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: see docs/distributed.md
     # The same CPU threads per process for every count (torchrun would set 1 for N > 1).
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
