@@ -192,37 +192,40 @@ def ssd_chunked(
         Cs = F.pad(C, (0, 0, 0, 0, 0, pad))
     nchunks = (seqlen + pad) // Q
     groups = B.size(2)
-    heads_per_group = nheads // groups
 
-    # Chunked views: c chunks of Q steps; heads split as (G, H/G) to share B and C.
-    X = (xs * delta[..., None]).view(batch, nchunks, Q, groups, heads_per_group, headdim)
-    Bc = Bs.view(batch, nchunks, Q, groups, -1)  # (B, c, Q, G, N)
-    Cc = Cs.view(batch, nchunks, Q, groups, -1)
-    A_dt = (delta * A).view(batch, nchunks, Q, groups, heads_per_group)
-    A_dt = A_dt.permute(0, 3, 4, 1, 2)  # (B, G, H/G, c, Q)
+    # Layout (B, G, H/G, c, Q, .): heads split as (G, H/G) to share B and C, then chunks of
+    # Q steps, so that every product below is a batched matmul over (B, G, H/G, c).
+    K = nheads // groups
+    X = (xs * delta[..., None]).view(batch, nchunks, Q, groups, K, headdim)
+    X = X.permute(0, 3, 4, 1, 2, 5)  # (B, G, K, c, Q, P)
+    Bc = Bs.view(batch, nchunks, Q, groups, -1).permute(0, 3, 1, 2, 4)[
+        :, :, None
+    ]  # (B, G, 1, c, Q, N)
+    Cc = Cs.view(batch, nchunks, Q, groups, -1).permute(0, 3, 1, 2, 4)[:, :, None]
+    A_dt = (delta * A).view(batch, nchunks, Q, groups, K).permute(0, 3, 4, 1, 2)  # (B, G, K, c, Q)
     A_cum = torch.cumsum(A_dt, dim=-1)
 
     # 1. Inside each chunk: y = (M o C B^T) X, the quadratic (attention-like) form.
-    decay_in = _decay_matrix(A_cum)  # (B, G, H/G, c, Q, Q)
-    CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)  # (B, G, c, Q, Q)
-    scores = CB[:, :, None] * decay_in  # (B, G, H/G, c, Q, Q)
-    y_diag = torch.einsum("bgkcls,bcsgkp->bclgkp", scores, X)
+    scores = (Cc @ Bc.transpose(-1, -2)) * _decay_matrix(A_cum)  # (B, G, K, c, Q, Q)
+    y_diag = scores @ X  # (B, G, K, c, Q, P)
 
-    # 2. Each chunk's contribution to the state at its end.
-    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (B, G, H/G, c, Q)
-    states = torch.einsum("bclgn,bgkcl,bclgkp->bcgkpn", Bc, decay_to_end, X)
+    # 2. Each chunk's contribution to the state at its end: sum_s decay(s) B_s X_s^T.
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (B, G, K, c, Q)
+    states = (Bc.transpose(-1, -2) * decay_to_end[..., None, :]) @ X  # (B, G, K, c, N, P)
 
     # 3. Carry states across chunks: the state at the end of chunk z sums the chunks
     # j <= z, each decayed over the chunks after it; chunk z starts from that of z - 1.
-    decay_chunks = _decay_matrix(torch.cumsum(A_cum[..., -1], dim=-1))  # (B, G, H/G, c, c)
-    states_end = torch.einsum("bgkzc,bcgkpn->bzgkpn", decay_chunks, states)
-    states_in = torch.cat([torch.zeros_like(states_end[:, :1]), states_end[:, :-1]], dim=1)
+    decay_chunks = _decay_matrix(torch.cumsum(A_cum[..., -1], dim=-1))  # (B, G, K, c, c)
+    states_end = (decay_chunks @ states.flatten(-2)).view_as(states)
+    states_in = torch.cat(
+        [torch.zeros_like(states_end[..., :1, :, :]), states_end[..., :-1, :, :]], dim=-3
+    )
 
     # 4. The carried state read out at every step of the chunk.
-    decay_from_start = torch.exp(A_cum)  # (B, G, H/G, c, Q)
-    y_off = torch.einsum("bclgn,bcgkpn,bgkcl->bclgkp", Cc, states_in, decay_from_start)
+    y_off = (Cc @ states_in) * torch.exp(A_cum)[..., None]  # (B, G, K, c, Q, P)
 
-    y = (y_diag + y_off).reshape(batch, nchunks * Q, nheads, headdim)[:, :seqlen]
+    y = (y_diag + y_off).permute(0, 3, 4, 1, 2, 5)  # (B, c, Q, G, K, P)
+    y = y.reshape(batch, nchunks * Q, nheads, headdim)[:, :seqlen]
     if D is not None:
         y = y + D[:, None] * x
     return y

@@ -19,25 +19,10 @@ import torch
 import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from models.layers import FeedForward
 from ssd import TiSSDBlock
 
 TIME_ENCODINGS = ("paper", "corrected")
-
-
-class FeedForward(nn.Module):
-    """out = LayerNorm(Dropout(W2 Dropout(Hardswish(W1 x))) + x), W1: d -> 4d."""
-
-    def __init__(self, d_model: int, dropout: float) -> None:
-        super().__init__()
-        self.w_1 = nn.Linear(d_model, 4 * d_model)
-        self.w_2 = nn.Linear(4 * d_model, d_model)
-        self.activation = nn.Hardswish()
-        self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(d_model, eps=1e-12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.w_2(self.dropout(self.activation(self.w_1(x))))
-        return self.layer_norm(self.dropout(hidden) + x)
 
 
 class TiSSDLayer(nn.Module):
@@ -49,7 +34,7 @@ class TiSSDLayer(nn.Module):
         self.residual = residual
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model)
-        self.ffn = FeedForward(d_model, dropout)
+        self.ffn = FeedForward(d_model, dropout, nn.Hardswish())
 
     def forward(
         self, x: torch.Tensor, time_signal: torch.Tensor | None

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from models.layers import FeedForward
 from models.selective_scan import linear_scan
 
 
@@ -68,26 +68,11 @@ class LRULayer(nn.Module):
         return self.layer_norm(self.dropout(y) + x)
 
 
-class FeedForward(nn.Module):
-    """out = LayerNorm(Dropout(W2 Dropout(GELU(W1 x))) + x), W1: d -> 4d."""
-
-    def __init__(self, d_model: int, dropout: float) -> None:
-        super().__init__()
-        self.w_1 = nn.Linear(d_model, 4 * d_model)
-        self.w_2 = nn.Linear(4 * d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.w_2(self.dropout(F.gelu(self.w_1(x))))
-        return self.layer_norm(self.dropout(hidden) + x)
-
-
 class LRUBlock(nn.Module):
     def __init__(self, d_model: int, dropout: float, **lru_kwargs) -> None:
         super().__init__()
         self.lru = LRULayer(d_model, dropout, **lru_kwargs)
-        self.ffn = FeedForward(d_model, dropout)
+        self.ffn = FeedForward(d_model, dropout, nn.GELU(), eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.lru(x))

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from models.layers import FeedForward
 from models.selective_scan import selective_scan
 
 logger = logging.getLogger(__name__)
@@ -152,21 +153,6 @@ def make_mixer(
     return MambaMixer(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
 
 
-class FeedForward(nn.Module):
-    """out = LayerNorm(Dropout(W2 Dropout(GELU(W1 x))) + x), W1: d -> 4d."""
-
-    def __init__(self, d_model: int, dropout: float) -> None:
-        super().__init__()
-        self.w_1 = nn.Linear(d_model, 4 * d_model)
-        self.w_2 = nn.Linear(4 * d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(d_model, eps=1e-12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.w_2(self.dropout(F.gelu(self.w_1(x))))
-        return self.layer_norm(self.dropout(hidden) + x)
-
-
 class MambaLayer(nn.Module):
     """Mamba block, Dropout, residual (when stacked), LayerNorm, then the FFN."""
 
@@ -176,7 +162,7 @@ class MambaLayer(nn.Module):
         self.residual = residual
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=1e-12)
-        self.ffn = FeedForward(d_model, dropout)
+        self.ffn = FeedForward(d_model, dropout, nn.GELU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.dropout(self.mamba(x))

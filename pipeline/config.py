@@ -54,7 +54,8 @@ def parse_args(argv: list[str], allow_checkpoint: bool = False) -> RunArgs:
     while items:
         item = items.pop(0)
         if item in ("-h", "--help"):
-            raise SystemExit(usage(allow_checkpoint))
+            print(usage(allow_checkpoint))
+            raise SystemExit(0)
         if not item.startswith("--"):
             raise ConfigError(f"unexpected argument {item!r}\n{usage(allow_checkpoint)}")
         key, eq, value = item[2:].partition("=")
