@@ -41,6 +41,22 @@ def write_slice(folder: Path, name: str, source: Path, n_users: int) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy runner they make an epoch 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ml_tiny(tmp_path_factory) -> Path:
+    """data_path holding `ml-tiny`: the first 20 users of the bundled ml-100k."""
+    folder = tmp_path_factory.mktemp("data")
+    return write_slice(folder, "ml-tiny", BUNDLED["ml-100k"] / "ml-100k.inter", n_users=20)
+
+
 @pytest.fixture(scope="session")
 def ml100k_slice(tmp_path_factory) -> Path:
     """data_path holding `ml-slice`: the first 150 users of the bundled ml-100k."""

@@ -35,13 +35,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from threads; on a shared runner they can make it 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def payload(value: float) -> dict:
@@ -166,9 +160,8 @@ def test_check_matches_names_every_differing_field(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    data = write_slice(tmp_path_factory.mktemp("data"), "ml-tiny", ML100K, n_users=20)
-    overrides = {**TINY, "data_path": str(data), "epochs": 1}
+def trained(ml_tiny, tmp_path_factory):
+    overrides = {**TINY, "data_path": str(ml_tiny), "epochs": 1}
     overrides["checkpoint_dir"] = str(tmp_path_factory.mktemp("saved"))
     result = train("TiM4Rec", [], overrides)
     return result["checkpoint"], overrides

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from pipeline.config import CONFIG_DIR, ConfigError, build_config
@@ -248,15 +247,6 @@ def beauty_slice(n_users: int) -> tuple[str, list[str]]:
             users.add(user)
         rows.append(row)
     return lines[0], rows
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP threads crawl on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

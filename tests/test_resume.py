@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_slice
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.data import BUNDLED
 from pipeline.runner import train
 from pipeline.trainer import ProjectTrainer, TrainingInterrupted
 
@@ -32,26 +30,13 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from threads; on a shared runner they can make it 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_slice(
-        tmp_path_factory.mktemp("data"), "ml-tiny", BUNDLED["ml-100k"] / "ml-100k.inter", 20
-    )
-
-
-def overrides(data: Path, folder: Path, **extra) -> dict:
+def overrides(ml_tiny: Path, folder: Path, **extra) -> dict:
     return {
         **TINY,
-        "data_path": str(data),
+        "data_path": str(ml_tiny),
         "checkpoint_dir": str(folder),
         "epochs": EPOCHS,
         **extra,
@@ -85,13 +70,13 @@ def assert_identical(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> dict:
-    result = train("TiM4Rec", [], overrides(data, tmp_path_factory.mktemp("reference")))
+def reference(ml_tiny, tmp_path_factory) -> dict:
+    result = train("TiM4Rec", [], overrides(ml_tiny, tmp_path_factory.mktemp("reference")))
     return {"result": result, **outcome(result)}
 
 
 @pytest.fixture(scope="module")
-def interrupted(data, tmp_path_factory) -> TrainingInterrupted:
+def interrupted(ml_tiny, tmp_path_factory) -> TrainingInterrupted:
     """A run stopped by Ctrl-C in the middle of epoch INTERRUPT_AT; tests resume copies."""
     original = ProjectTrainer._train_epoch
 
@@ -106,7 +91,7 @@ def interrupted(data, tmp_path_factory) -> TrainingInterrupted:
     patch.setattr(ProjectTrainer, "_train_epoch", train_epoch)
     try:
         with pytest.raises(TrainingInterrupted) as stop:
-            train("TiM4Rec", [], overrides(data, tmp_path_factory.mktemp("interrupted")))
+            train("TiM4Rec", [], overrides(ml_tiny, tmp_path_factory.mktemp("interrupted")))
     finally:
         patch.undo()
     return stop.value
@@ -117,17 +102,19 @@ def copy_run(stop: TrainingInterrupted, folder: Path) -> tuple[Path, Path]:
     return tuple(Path(shutil.copy(name, folder)) for name in (stop.best_file, stop.last_file))
 
 
-def test_same_seed_gives_identical_runs(data, tmp_path, reference):
-    again = train("TiM4Rec", [], overrides(data, tmp_path))
+def test_same_seed_gives_identical_runs(ml_tiny, tmp_path, reference):
+    again = train("TiM4Rec", [], overrides(ml_tiny, tmp_path))
     assert_identical(outcome(again), reference)
 
 
-def test_an_interrupted_run_resumes_bit_for_bit(data, interrupted, reference, tmp_path):
+def test_an_interrupted_run_resumes_bit_for_bit(ml_tiny, interrupted, reference, tmp_path):
     assert interrupted.last_epoch == INTERRUPT_AT - 1
     best, last = copy_run(interrupted, tmp_path)
     assert load_checkpoint(last)["epoch"] == INTERRUPT_AT - 1
 
-    resumed = train("TiM4Rec", [], overrides(data, tmp_path / "unused", checkpoint_path=str(last)))
+    resumed = train(
+        "TiM4Rec", [], overrides(ml_tiny, tmp_path / "unused", checkpoint_path=str(last))
+    )
 
     assert_identical(outcome(resumed), reference)
     # The resumed run kept writing to its own two files, next to the one it resumed.
@@ -136,7 +123,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(data, interrupted, reference, tm
     assert load_checkpoint(last)["epoch"] == EPOCHS - 1
 
 
-def test_resuming_never_replaces_a_better_best(data, interrupted, tmp_path):
+def test_resuming_never_replaces_a_better_best(ml_tiny, interrupted, tmp_path):
     # The interrupted run with an unbeatable stored best (NDCG@10 of 1.0 is the maximum):
     # no resumed epoch may overwrite the best checkpoint.
     best, last = copy_run(interrupted, tmp_path)
@@ -146,16 +133,16 @@ def test_resuming_never_replaces_a_better_best(data, interrupted, tmp_path):
         save_checkpoint(path, {k: v for k, v in state.items() if k not in ("format", "version")})
     best_bytes = hashlib.sha256(best.read_bytes()).hexdigest()
 
-    resumed = train("TiM4Rec", [], overrides(data, tmp_path, checkpoint_path=str(last)))
+    resumed = train("TiM4Rec", [], overrides(ml_tiny, tmp_path, checkpoint_path=str(last)))
 
     assert resumed["best_valid_score"] == 1.0
     assert hashlib.sha256(best.read_bytes()).hexdigest() == best_bytes
     assert load_checkpoint(last)["epoch"] == EPOCHS - 1  # training did go on
 
 
-def test_resuming_a_finished_run_trains_nothing_and_reports_the_same(data, reference):
+def test_resuming_a_finished_run_trains_nothing_and_reports_the_same(ml_tiny, reference):
     last = Path(reference["result"]["last_checkpoint"])
     stamp = last.stat().st_mtime_ns
-    again = train("TiM4Rec", [], overrides(data, last.parent, checkpoint_path=str(last)))
+    again = train("TiM4Rec", [], overrides(ml_tiny, last.parent, checkpoint_path=str(last)))
     assert again["test"] == reference["test"] and again["valid"] == reference["valid"]
     assert last.stat().st_mtime_ns == stamp  # nothing was trained, nothing rewritten

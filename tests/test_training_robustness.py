@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_slice
 
 from pipeline import runner
 from pipeline.checkpoint import CheckpointError, load_checkpoint, temp_files
 from pipeline.config import DEFAULT_RUN_CONFIG, REPO_ROOT, ConfigError, build_config
-from pipeline.data import BUNDLED
 from pipeline.registry import get_model_class
 from pipeline.runner import init_run_logger, main, train
 from pipeline.trainer import configure_determinism
@@ -63,23 +61,11 @@ sys.exit(main("TiM4Rec", sys.argv[1:]))
 ONE_THREAD_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_slice(
-        tmp_path_factory.mktemp("data"), "ml-tiny", BUNDLED["ml-100k"] / "ml-100k.inter", 20
-    )
-
-
-def cli_args(data: Path, folder: Path, epochs: int) -> list[str]:
-    args = {**TINY, "data_path": data, "checkpoint_dir": folder, "epochs": epochs}
+def cli_args(ml_tiny: Path, folder: Path, epochs: int) -> list[str]:
+    args = {**TINY, "data_path": ml_tiny, "checkpoint_dir": folder, "epochs": epochs}
     return [f"--{key}={value}" for key, value in args.items()]
 
 
@@ -106,11 +92,11 @@ def check_folder(folder: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_never_loses_the_last_good_checkpoint(data, tmp_path):
+def test_sigkill_at_random_moments_never_loses_the_last_good_checkpoint(ml_tiny, tmp_path):
     folder = tmp_path / "saved"
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    args = cli_args(data, folder, epochs=100)  # never finishes on its own
+    args = cli_args(ml_tiny, folder, epochs=100)  # never finishes on its own
     last_epoch = -1
     for kill in range(6):
         lasts = sorted(folder.glob("*-last.pth"))
@@ -171,12 +157,12 @@ def parse(args: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(data, tmp_path):
+def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(ml_tiny, tmp_path):
     folder = tmp_path / "saved"
     log = tmp_path / "out.txt"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "run.py", *cli_args(data, folder, epochs=100)],
+            [sys.executable, "run.py", *cli_args(ml_tiny, folder, epochs=100)],
             cwd=REPO_ROOT,
             env=ONE_THREAD_ENV,
             stdout=out,
@@ -212,18 +198,23 @@ def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(data, tmp_path
 # --- disk and files -----------------------------------------------------------------------
 
 
-def test_an_unwritable_checkpoint_folder_fails_before_training(data, tmp_path):
+def test_an_unwritable_checkpoint_folder_fails_before_training(ml_tiny, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # even root cannot create a folder under a file
     with pytest.raises(ConfigError, match="cannot write checkpoints to .*a-file/saved"):
         train(
             "TiM4Rec",
             [],
-            {**TINY, "data_path": str(data), "epochs": 1, "checkpoint_dir": str(blocker / "saved")},
+            {
+                **TINY,
+                "data_path": str(ml_tiny),
+                "epochs": 1,
+                "checkpoint_dir": str(blocker / "saved"),
+            },
         )
 
 
-def test_a_full_disk_fails_before_training(data, tmp_path, monkeypatch):
+def test_a_full_disk_fails_before_training(ml_tiny, tmp_path, monkeypatch):
     usage = runner.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: usage._replace(free=100 * 1024))
     started = []
@@ -236,7 +227,7 @@ def test_a_full_disk_fails_before_training(data, tmp_path, monkeypatch):
             [],
             {
                 **TINY,
-                "data_path": str(data),
+                "data_path": str(ml_tiny),
                 "epochs": 1,
                 "checkpoint_dir": str(tmp_path / "saved"),
             },
@@ -244,7 +235,7 @@ def test_a_full_disk_fails_before_training(data, tmp_path, monkeypatch):
     assert started == []
 
 
-def test_a_disk_that_fills_up_during_training_gives_a_clear_error(data, tmp_path, monkeypatch):
+def test_a_disk_that_fills_up_during_training_gives_a_clear_error(ml_tiny, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
@@ -253,7 +244,7 @@ def test_a_disk_that_fills_up_during_training_gives_a_clear_error(data, tmp_path
         train(
             "TiM4Rec",
             [],
-            {**TINY, "data_path": str(data), "epochs": 1, "checkpoint_dir": str(tmp_path)},
+            {**TINY, "data_path": str(ml_tiny), "epochs": 1, "checkpoint_dir": str(tmp_path)},
         )
     assert list(tmp_path.iterdir()) == []  # no half file, no temp file
 
@@ -302,14 +293,14 @@ def test_deterministic_mode_sets_torch_and_cublas(restore_determinism, monkeypat
 
 
 @pytest.mark.gpu
-def test_deterministic_mode_repeats_exactly_on_the_gpu(data, tmp_path, restore_determinism):
+def test_deterministic_mode_repeats_exactly_on_the_gpu(ml_tiny, tmp_path, restore_determinism):
     results = [
         train(
             "TiM4Rec",
             [],
             {
                 **TINY,
-                "data_path": str(data),
+                "data_path": str(ml_tiny),
                 "epochs": 2,
                 "deterministic": True,
                 "checkpoint_dir": str(tmp_path / str(i)),
