@@ -1,15 +1,20 @@
 """Compare TiM4Rec with baselines on one dataset: a Markdown table, a JSON file, a chart.
 
     python compare.py --dataset ml-100k --models TiM4Rec,SASRec,Mamba4Rec [--epochs N]
-                      [--config FILE] [--key=value ...] [--threads N] [--out results]
+                      [--tim4rec-config FILE] [--config FILE] [--key=value ...]
+                      [--threads N] [--gpus 0,1,2,3] [--out results]
 
 Every model trains through the same pipeline as run.py and baseline/<Model>/run.py
 (`pipeline.runner.train`), with its baseline/<Model>/config.yaml (TiM4Rec: its
-config/model defaults), then `--config` files and `--key=value` overrides, which apply to
-every model. TiM4Rec is always included. Each model runs in its own process, so its
+config/model defaults), then `--tim4rec-config` files for TiM4Rec and SSD4Rec only (a
+paper setting such as config/config4beauty_64d.yaml; SSD4Rec ignores its time keys), then
+`--config` files and `--key=value` overrides, which apply to every model. TiM4Rec is always included. Each model runs in its own process, so its
 peak memory is its own: GPU peak allocated on CUDA, peak resident set size otherwise.
 Train seconds per epoch are the mean over the epochs after the first (which pays for
-warm-up); with a single epoch that epoch's time is reported and marked.
+warm-up); with a single epoch that epoch's time is reported and marked. With `--gpus`,
+models run at the same time, each alone on one of the listed GPUs (so each model's
+seconds are its own GPU's; the GPUs should be of one kind); without it, one after the
+other on the default device.
 
 Output: results/<dataset>-<YYYYmmdd-HHMMSS>/{comparison.md, comparison.json, comparison.png},
 written to a temporary folder first and renamed when complete.
@@ -18,6 +23,7 @@ written to a temporary folder first and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -74,7 +80,17 @@ def parse_command(argv: list[str]) -> tuple[argparse.Namespace, list[Path], dict
         help=f"comma-separated models; {REFERENCE_MODEL} is always run (default: all)",
     )
     parser.add_argument("--epochs", type=int, help="training epochs of every model")
+    parser.add_argument(
+        "--tim4rec-config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="config file for TiM4Rec and SSD4Rec only (e.g. config/config4beauty_64d.yaml)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads per run (default torch's)")
+    parser.add_argument(
+        "--gpus", help="comma-separated GPU ids: run models in parallel, one per GPU at a time"
+    )
     parser.add_argument("--out", default="results", help="parent folder of the results")
     args, rest = parser.parse_known_args(argv)
     try:
@@ -87,6 +103,11 @@ def parse_command(argv: list[str]) -> tuple[argparse.Namespace, list[Path], dict
         raise CompareError(f"--epochs must be >= 1, got {args.epochs}")
     if args.threads is not None and args.threads < 1:
         raise CompareError(f"--threads must be >= 1, got {args.threads}")
+    args.gpus = parse_gpus(args.gpus)
+    args.tim4rec_config = [Path(f).resolve() for f in args.tim4rec_config]
+    missing = [str(f) for f in args.tim4rec_config if not f.is_file()]
+    if missing:
+        raise CompareError(f"--tim4rec-config file not found: {', '.join(missing)}")
     overrides = {**run_args.overrides, "dataset": args.dataset}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
@@ -106,9 +127,24 @@ def select_models(text: str) -> list[str]:
     return list(dict.fromkeys(ordered))
 
 
-def model_config_files(model: str, extra: list[Path]) -> list[Path]:
+def parse_gpus(text: str | None) -> list[str]:
+    """'0,1' -> ['0', '1']; None -> [] (run on the default device, one model at a time)."""
+    if text is None:
+        return []
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise CompareError(f"--gpus takes distinct GPU ids like 0,1,2, got {text!r}")
+    return gpus
+
+
+SSD_FAMILY = ("TiM4Rec", "SSD4Rec")  # the models --tim4rec-config applies to
+
+
+def model_config_files(model: str, extra: list[Path], tim4rec: list[Path] = ()) -> list[Path]:
+    """baseline/<model>/config.yaml (if any), the TiM4Rec setting (SSD models), then `extra`."""
     own = REPO_ROOT / "baseline" / model / "config.yaml"
-    return ([own] if own.is_file() else []) + list(extra)
+    paper = list(tim4rec) if model in SSD_FAMILY else []
+    return ([own] if own.is_file() else []) + paper + list(extra)
 
 
 def check_dataset(overrides: dict) -> None:
@@ -125,12 +161,16 @@ def check_dataset(overrides: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def run_model(model: str, files: list[Path], overrides: dict, threads: int | None) -> dict:
-    """Train `model` in a fresh process; return its result or {'error': ...}."""
+def run_model(
+    model: str, files: list[Path], overrides: dict, threads: int | None, gpu: str | None = None
+) -> dict:
+    """Train `model` in a fresh process (on GPU `gpu` alone, if given); its result or an error."""
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
+    if gpu is not None:  # RecBole's Config sets CUDA_VISIBLE_DEVICES from gpu_id
+        overrides = {**overrides, "gpu_id": gpu}
     process = context.Process(
-        target=_child, args=(model, files, overrides, threads, messages), name=model
+        target=_child, args=(model, files, overrides, threads, messages, gpu), name=model
     )
     start = time.time()
     process.start()
@@ -148,7 +188,9 @@ def run_model(model: str, files: list[Path], overrides: dict, threads: int | Non
     return message
 
 
-def _child(model, files, overrides, threads, messages) -> None:  # runs in the spawned process
+def _child(model, files, overrides, threads, messages, gpu) -> None:  # in the spawned process
+    if gpu is not None:  # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     import torch
 
     from pipeline.runner import USER_ERRORS, train
@@ -187,6 +229,41 @@ def summarize(model: str, files: list[Path], message: dict) -> dict:
     else:
         row["peak_memory_bytes"], row["peak_memory_kind"] = message["peak_rss_bytes"], "RSS"
     return row
+
+
+def run_all(
+    models: list[str],
+    extra_files: list[Path],
+    overrides: dict,
+    threads: int | None,
+    gpus: list[str],
+    tim4rec_files: list[Path] = (),
+) -> list[dict]:
+    """Every model's row, in the order given: one after the other, or one per free GPU."""
+
+    def one(model: str, gpu: str | None) -> dict:
+        files = model_config_files(model, extra_files, tim4rec_files)
+        where = f" on GPU {gpu}" if gpu is not None else ""
+        print(f"=== {model}{where} ({', '.join(map(str, files)) or 'model defaults'})", flush=True)
+        row = summarize(model, files, run_model(model, files, overrides, threads, gpu))
+        print(f"=== {model} done in {row['wall_seconds']:.0f} s", flush=True)
+        return row
+
+    if not gpus:
+        return [one(model, None) for model in models]
+    free: queue.Queue[str] = queue.Queue()
+    for gpu in gpus:
+        free.put(gpu)
+
+    def on_free_gpu(model: str) -> dict:
+        gpu = free.get()
+        try:
+            return one(model, gpu)
+        finally:
+            free.put(gpu)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        return list(pool.map(on_free_gpu, models))
 
 
 # --------------------------------------------------------------------------------------
@@ -295,11 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_parent = Path(args.out).resolve()
 
-    rows = []
-    for model in args.models:
-        files = model_config_files(model, extra_files)
-        print(f"=== {model} ({', '.join(str(f) for f in files) or 'model defaults'})", flush=True)
-        rows.append(summarize(model, files, run_model(model, files, overrides, args.threads)))
+    rows = run_all(
+        args.models, extra_files, overrides, args.threads, args.gpus, args.tim4rec_config
+    )
 
     first_ok = next((r for r in rows if "error" not in r), {})
     report = {
@@ -309,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python compare.py " + shlex.join(argv),
             "device": first_ok.get("device", "n/a"),
             "torch threads": first_ok.get("threads", "n/a"),
+            "GPUs": (
+                f"{', '.join(args.gpus)}: models in parallel, each alone on one GPU"
+                if args.gpus
+                else "one model at a time"
+            ),
             "shared overrides": json.dumps(overrides, default=str),
         },
         "models": rows,

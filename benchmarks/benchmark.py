@@ -50,6 +50,8 @@ from pipeline.validate import validate_config
 from ssd import triton_available
 
 SSD_MODELS = ("TiM4Rec", "SSD4Rec")
+# models with a torch/triton choice, and the config key that makes it
+BACKEND_KEYS = {"TiM4Rec": "ssd_backend", "SSD4Rec": "ssd_backend", "Mamba4Rec": "mamba_backend"}
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "triton")
 FIRST = ("TiM4Rec", "SSD4Rec", "SASRec", "Mamba4Rec")  # the models lead the table
@@ -241,9 +243,9 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
             )
         backend = next((o for o in options if o in BACKENDS), None)
         precision = next((o for o in options if o in PRECISIONS), None)
-        if backend and name not in SSD_MODELS:
+        if backend and name not in BACKEND_KEYS:
             raise BenchmarkError(
-                f"--models {token!r}: only {' and '.join(SSD_MODELS)} have SSD backends"
+                f"--models {token!r}: only {', '.join(BACKEND_KEYS)} have torch/triton backends"
             )
         if backend and backend not in backends:
             raise BenchmarkError(
@@ -260,7 +262,7 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
 def expand(
     name: str, backend: str | None, precision: str | None, backends: list[str]
 ) -> list[Variant]:
-    if name not in SSD_MODELS:
+    if name not in BACKEND_KEYS:
         return [Variant(name, None, precision or "fp32")]
     if name == "TiM4Rec":
         chosen = [backend] if backend else backends
@@ -481,7 +483,7 @@ class Benchmark:
         gc.collect()
 
     def build(self, variant: Variant, row: dict) -> dict:
-        extra = {"ssd_backend": variant.backend} if variant.backend else {}
+        extra = {BACKEND_KEYS[variant.model]: variant.backend} if variant.backend else {}
         model_class, config = self.config(variant.model, extra)
         dataset, train, valid, test = self.data(config)
         init_seed(config["seed"], config["reproducibility"])

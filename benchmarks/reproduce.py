@@ -3,19 +3,22 @@
     python -m benchmarks.reproduce --dataset amazon-beauty \\
         --tim4rec-config config/config4beauty_64d.yaml \\
         --models TiM4Rec,TiM4Rec:corrected,SSD4Rec,SASRec,Mamba4Rec --seeds 2020,2021,2022 \\
-        --parallel 9 --out results/beauty
+        --parallel 9 [--gpus 0,1,2,3] --out results/beauty
 
 TiM4Rec variants and SSD4Rec use `--tim4rec-config` (SSD4Rec = the same settings without
 the time path); other models use `baseline/<Model>/config.yaml` with `--dataset`. Each run
 is `pipeline.runner.train` in its own process, with its own checkpoint folder. A run still
 going at `--deadline` seconds gets SIGINT, tests its best checkpoint so far on the test
-split, and is marked as cut in the report. Writes runs.json, report.md and valid_ndcg.png.
+split, and is marked as cut in the report. With `--gpus`, each run starts on the listed
+GPU that has the fewest runs at that moment (`--parallel` counts runs on all of them).
+Writes runs.json, report.md and valid_ndcg.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -103,13 +106,24 @@ def evaluate_partial(spec: dict) -> dict | None:
 
 
 def launch(
-    specs: list[dict], parallel: int, deadline: float, out: Path, grace: float = 120
+    specs: list[dict],
+    parallel: int,
+    deadline: float,
+    out: Path,
+    grace: float = 120,
+    gpus: list[str] | None = None,
 ) -> list[dict]:
     pending, running, done = list(specs), [], []
     start = time.time()
     while pending or running:
         while pending and len(running) < parallel:
             spec = pending.pop(0)
+            env = None
+            if gpus:  # the least busy GPU; RecBole's Config reads gpu_id
+                load = {g: sum(1 for r in running if r[0].get("gpu") == g) for g in gpus}
+                spec["gpu"] = min(gpus, key=lambda g: load[g])
+                spec["overrides"]["gpu_id"] = spec["gpu"]
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": spec["gpu"]}
             spec_path = out / "runs" / f"{spec['tag']}.json"
             spec_path.parent.mkdir(parents=True, exist_ok=True)
             spec_path.write_text(json.dumps(spec))
@@ -117,11 +131,13 @@ def launch(
             proc = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.reproduce", "--worker", str(spec_path)],
                 cwd=REPO_ROOT,
+                env=env,
                 stdout=log,
                 stderr=log,
             )
             running.append((spec, spec_path, proc, log))
-            print(f"[{time.time() - start:6.0f}s] started {spec['tag']}", flush=True)
+            where = f" on GPU {spec['gpu']}" if gpus else ""
+            print(f"[{time.time() - start:6.0f}s] started {spec['tag']}{where}", flush=True)
         time.sleep(2)
         over = deadline and time.time() - start > deadline
         if over:
@@ -224,6 +240,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the GPU)")
     parser.add_argument("--epochs", type=int, default=0, help="cap on epochs (0: the config's)")
     parser.add_argument("--deadline", type=float, default=0, help="seconds; then stop and report")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids to spread runs over")
     parser.add_argument("--out", default="results/reproduce")
     args, rest = parser.parse_known_args()
     from pipeline.config import parse_args
@@ -236,7 +253,8 @@ def main() -> None:
         for seed in args.seeds.split(",")
         for name in args.models.split(",")
     ]
-    runs = launch(specs, args.parallel, args.deadline, out)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    runs = launch(specs, args.parallel, args.deadline, out, gpus=gpus)
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
     table = summarize(runs, args.dataset)
     (out / "report.md").write_text(table + "\n")

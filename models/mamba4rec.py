@@ -11,11 +11,13 @@ dropout, a residual connection and LayerNorm. No time information. The user vect
 hidden state at the last real position; scores are dot products with the tied item
 embeddings; full softmax cross-entropy.
 
-Mixer dispatch: `mamba_ssm.Mamba` (CUDA selective-scan kernels) when the compiled
-extension `selective_scan_cuda` is importable and the model is built for CUDA; otherwise
-`MambaMixer`, the same block in PyTorch on `models.selective_scan.selective_scan` (a
-parallel scan). Both have identical parameter names and shapes, so checkpoints move
-between them. The log says which one runs.
+Mixer dispatch (`mamba_backend`): `mamba_ssm.Mamba` (CUDA selective-scan kernels) when
+the compiled extension `selective_scan_cuda` is importable and the model is built for
+CUDA; otherwise `MambaMixer`, the same block in PyTorch around
+`models.selective_scan.selective_scan`, whose scan runs as Triton kernels on CUDA
+(`models.selective_scan_triton`) and as a PyTorch parallel scan elsewhere. All have
+identical parameter names and shapes, so checkpoints move between them. The log says
+which one runs.
 
 Initialisation follows RecBole/Mamba4Rec (Linear and Embedding N(0, 0.02), zero biases,
 LayerNorm (1, 0)), except that each mixer's `dt_proj` keeps Mamba's own step-size
@@ -34,11 +36,11 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
 from models.layers import FeedForward
-from models.selective_scan import selective_scan
+from models.selective_scan import selective_scan, triton_scan_available
 
 logger = logging.getLogger(__name__)
 
-MAMBA_BACKENDS = ("auto", "torch", "cuda")
+MAMBA_BACKENDS = ("auto", "torch", "triton", "cuda")
 _logged_paths: set[str] = set()
 
 
@@ -68,8 +70,10 @@ class MambaMixer(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
+        scan_backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.scan_backend = scan_backend  # models.selective_scan.SCAN_BACKENDS
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16)
@@ -117,6 +121,7 @@ class MambaMixer(nn.Module):
             z=z,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
+            backend=self.scan_backend,
         )  # (B, D, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d)
 
@@ -124,33 +129,50 @@ class MambaMixer(nn.Module):
 def make_mixer(
     d_model: int, d_state: int, d_conv: int, expand: int, backend: str, device: torch.device
 ) -> nn.Module:
-    """`mamba_ssm.Mamba` on CUDA when its extension is there (or asked for), else `MambaMixer`."""
+    """The Mamba-1 block for `backend` on `device`, logging which implementation runs.
+
+    auto: `mamba_ssm.Mamba` on CUDA when its extension is there, else `MambaMixer` (Triton
+    scan on CUDA when Triton is installed, PyTorch scan otherwise); cuda / triton / torch
+    force one, with an error when it cannot run here.
+    """
     if backend not in MAMBA_BACKENDS:
         raise ValueError(f"mamba_backend must be one of {MAMBA_BACKENDS}, got {backend!r}")
-    use_cuda = backend == "cuda" or (
-        backend == "auto" and device.type == "cuda" and cuda_kernels_available()
-    )
-    if use_cuda and not cuda_kernels_available():
+    on_cuda = device.type == "cuda"
+    if backend == "cuda" and not cuda_kernels_available():
         raise ImportError(
             "mamba_backend='cuda' needs mamba-ssm with its compiled selective_scan_cuda "
             "extension (pip install mamba-ssm on a CUDA machine); use 'auto' or 'torch'"
         )
-    path = "cuda" if use_cuda else "torch"
+    if backend == "triton" and not (on_cuda and triton_scan_available()):
+        raise ValueError(
+            "mamba_backend='triton' needs a CUDA device and Triton installed; use 'auto' or 'torch'"
+        )
+    path = backend
+    if backend == "auto":
+        if on_cuda and cuda_kernels_available():
+            path = "cuda"
+        else:
+            path = "triton" if on_cuda and triton_scan_available() else "torch"
     if path not in _logged_paths:
         _logged_paths.add(path)
-        if use_cuda:
-            logger.info("Mamba4Rec mixer: mamba_ssm.Mamba (CUDA selective-scan kernels)")
-        else:
-            logger.info(
-                "Mamba4Rec mixer: pure-PyTorch selective scan (parallel scan, %s); "
-                "mamba_ssm.Mamba is used on CUDA when its selective_scan_cuda extension is installed",
-                device.type,
-            )
-    if use_cuda:
+        logger.info("Mamba4Rec mixer: %s", MIXER_DESCRIPTIONS[path])
+    if path == "cuda":
         from mamba_ssm.modules.mamba_simple import Mamba
 
         return Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-    return MambaMixer(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+    # "auto" stays auto: the scan follows the tensors' device, also after model.to(...)
+    scan_backend = "auto" if backend == "auto" else path
+    return MambaMixer(
+        d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend
+    )
+
+
+MIXER_DESCRIPTIONS = {
+    "cuda": "mamba_ssm.Mamba (CUDA selective-scan kernels)",
+    "triton": "MambaMixer with the Triton selective scan (models/selective_scan_triton.py)",
+    "torch": "MambaMixer with the pure-PyTorch selective scan (parallel scan); "
+    "mamba_ssm.Mamba runs on CUDA when its selective_scan_cuda extension is installed",
+}
 
 
 class MambaLayer(nn.Module):

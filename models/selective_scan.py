@@ -22,6 +22,9 @@ step-by-step loops the tests compare against.
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -123,6 +126,7 @@ def selective_scan(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Mamba-1's selective scan; arguments as mamba-ssm's `selective_scan_fn`.
 
@@ -133,12 +137,48 @@ def selective_scan(
         h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t
         y_t = h_t C_t + D u_t,    y <- y * silu(z)
 
-    Returns y (B, D, L) in u's dtype.
+    Returns y (B, D, L) in u's dtype. `backend`: "torch" (this module's parallel scan),
+    "triton" (`models.selective_scan_triton`, float32 on CUDA), or "auto" (Triton on
+    CUDA when it is installed, else PyTorch).
     """
     out_dtype = u.dtype
     u, delta, dtype = _discretize(u, delta, A, delta_bias, delta_softplus)
-    y = _SelectiveScan.apply(u, delta, A.to(dtype), B.to(dtype), C.to(dtype))  # (B, D, L)
+    scan = scan_function(backend, u)
+    y = scan.apply(u, delta, A.to(dtype), B.to(dtype), C.to(dtype))  # (B, D, L)
     return _epilogue(y, u, D, z, dtype).to(out_dtype)
+
+
+SCAN_BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_scan_available() -> bool:
+    """True when Triton (and so `models.selective_scan_triton`) can be imported."""
+    try:
+        importlib.import_module("models.selective_scan_triton")
+    except Exception:  # ImportError, or a Triton that cannot initialise here
+        return False
+    return True
+
+
+def scan_function(backend: str, u: torch.Tensor) -> type[torch.autograd.Function]:
+    """The autograd Function that runs the scan for `backend` on `u`'s device and dtype."""
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"selective scan backend must be one of {SCAN_BACKENDS}, got {backend!r}")
+    # The Triton interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, for tests.
+    runs_triton = u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton":
+        if not (runs_triton and u.dtype == torch.float32 and triton_scan_available()):
+            raise ValueError(
+                "the Triton selective scan needs float32 CUDA tensors and Triton installed; "
+                f"got {u.dtype} on {u.device}; use backend 'torch' or 'auto'"
+            )
+    elif backend == "torch" or not (
+        u.is_cuda and u.dtype == torch.float32 and triton_scan_available()
+    ):
+        return _SelectiveScan
+    from models.selective_scan_triton import TritonSelectiveScan
+
+    return TritonSelectiveScan
 
 
 class _SelectiveScan(torch.autograd.Function):

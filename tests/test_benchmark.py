@@ -182,7 +182,7 @@ def test_models_option():
         "TiM4Rec:torch:bf16",
         "SSD4Rec:torch:fp32",
         "SASRec:fp32",
-        "Mamba4Rec:fp32",
+        "Mamba4Rec:torch:fp32",
     ]
     assert len(labels) == len(set(labels))
     picked = benchmark.parse_models("TiM4Rec:bf16, SASRec:bf16", cpu)
@@ -190,7 +190,7 @@ def test_models_option():
     for text, message in [
         ("Nope", "unknown model"),
         ("TiM4Rec:triton", "not available on cpu"),
-        ("SASRec:torch", "SSD backends"),
+        ("SASRec:torch", "torch/triton backends"),
         ("TiM4Rec:fp16", "unknown option"),
     ]:
         with pytest.raises(benchmark.BenchmarkError, match=message):

@@ -46,6 +46,10 @@ def test_parse_command_passes_overrides_to_every_model(tmp_path):
     assert files == [config.resolve()]
     assert compare.model_config_files("GRU4Rec", files)[0].name == "config.yaml"
     assert compare.model_config_files("TiM4Rec", files) == files  # its config/model defaults
+    paper = [Path("config/config4beauty_64d.yaml")]
+    assert compare.model_config_files("TiM4Rec", files, paper) == paper + files
+    assert compare.model_config_files("SSD4Rec", files, paper)[1:] == paper + files
+    assert paper[0] not in compare.model_config_files("SASRec", files, paper)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +57,9 @@ def test_parse_command_passes_overrides_to_every_model(tmp_path):
     [
         (["--models", "Nope"], "unknown model(s) Nope"),
         (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--gpus", "0,x"], "--gpus takes distinct GPU ids"),
+        (["--gpus", "1,1"], "--gpus takes distinct GPU ids"),
+        (["--tim4rec-config", "nope.yaml"], "--tim4rec-config file not found"),
         (["--dataset", "no-such-data", "--data_path=/nonexistent"], "'no-such-data' not found"),
     ],
 )
@@ -60,6 +67,33 @@ def test_bad_command_fails_before_training_and_writes_nothing(argv, message, tmp
     assert compare.main([*argv, "--out", str(tmp_path / "results")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_gpus_run_models_in_parallel_one_per_gpu_in_order(monkeypatch):
+    import threading
+    import time
+
+    running: dict[str, str] = {}
+    lock = threading.Lock()
+    seen = []
+
+    def fake_run_model(model, files, overrides, threads, gpu):
+        with lock:
+            assert gpu not in running.values(), "two models on one GPU"
+            running[model] = gpu
+            seen.append((model, gpu))
+        time.sleep(0.05)
+        with lock:
+            del running[model]
+        return {**_row(model, 0.1, [1.0, 1.0]), "wall_seconds": 0.05}
+
+    monkeypatch.setattr(compare, "run_model", fake_run_model)
+    models = ["TiM4Rec", "SASRec", "GRU4Rec", "Caser", "LRURec"]
+    rows = compare.run_all(models, [], {}, None, ["0", "1"])
+    assert [r["model"] for r in rows] == models
+    assert {gpu for _, gpu in seen} == {"0", "1"}
+    sequential = compare.run_all(models[:2], [], {}, None, [])
+    assert [r["model"] for r in sequential] == models[:2]
 
 
 def test_seconds_per_epoch_skip_the_first_epoch_and_memory_kind():

@@ -92,9 +92,9 @@ def test_triton_rmsnorm_gated_matches_torch():
     torch.testing.assert_close(outs["torch"][0], rmsnorm_gated_reference(x, z, w, 1e-5).detach())
 
 
-@pytest.mark.parametrize("model_name", ["TiM4Rec", "SSD4Rec"])
+@pytest.mark.parametrize("model_name", ["TiM4Rec", "SSD4Rec", "Mamba4Rec"])
 def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
-    """Same weights, same batch: CPU (PyTorch SSD) and CUDA (Triton SSD) scores agree."""
+    """Same weights, same batch: CPU (PyTorch scans) and CUDA (Triton kernels) scores agree."""
     needs_triton()
     from recbole.data import create_dataset, data_preparation
 
@@ -123,7 +123,9 @@ def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
         cpu_scores = model.full_sort_predict(interaction)
         model.cuda()
         cuda_scores = model.full_sort_predict(interaction.to("cuda")).cpu()
-    assert model.layers[0].block.backend == "auto"
+    layer = model.layers[0]
+    backend = layer.mamba.scan_backend if model_name == "Mamba4Rec" else layer.block.backend
+    assert backend == "auto"
     scale = cpu_scores.abs().max().item()
     err = (cuda_scores - cpu_scores).abs().max().item()
     print(f"\n[gpu] {model_name} scores max |cuda - cpu| {err:.2e} (max |score| {scale:.2e})")
