@@ -2,7 +2,7 @@
 
     python compare.py --dataset ml-100k --models TiM4Rec,SASRec,Mamba4Rec [--epochs N]
                       [--tim4rec-config FILE] [--config FILE] [--key=value ...]
-                      [--threads N] [--gpus 0,1,2,3] [--out results]
+                      [--threads N] [--gpus 0,1,2,3] [--model-timeout S] [--out results]
 
 Every model trains through the same pipeline as run.py and baseline/<Model>/run.py
 (`pipeline.runner.train`), with its baseline/<Model>/config.yaml (TiM4Rec: its
@@ -30,6 +30,7 @@ import os
 import queue
 import resource
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -91,6 +92,12 @@ def parse_command(argv: list[str]) -> tuple[argparse.Namespace, list[Path], dict
     parser.add_argument(
         "--gpus", help="comma-separated GPU ids: run models in parallel, one per GPU at a time"
     )
+    parser.add_argument(
+        "--model-timeout",
+        type=float,
+        metavar="S",
+        help="stop a model's training after S seconds and test its best checkpoint so far",
+    )
     parser.add_argument("--out", default="results", help="parent folder of the results")
     args, rest = parser.parse_known_args(argv)
     try:
@@ -104,6 +111,8 @@ def parse_command(argv: list[str]) -> tuple[argparse.Namespace, list[Path], dict
     if args.threads is not None and args.threads < 1:
         raise CompareError(f"--threads must be >= 1, got {args.threads}")
     args.gpus = parse_gpus(args.gpus)
+    if args.model_timeout is not None and args.model_timeout <= 0:
+        raise CompareError(f"--model-timeout must be > 0 seconds, got {args.model_timeout}")
     args.tim4rec_config = [Path(f).resolve() for f in args.tim4rec_config]
     missing = [str(f) for f in args.tim4rec_config if not f.is_file()]
     if missing:
@@ -162,9 +171,18 @@ def check_dataset(overrides: dict) -> None:
 
 
 def run_model(
-    model: str, files: list[Path], overrides: dict, threads: int | None, gpu: str | None = None
+    model: str,
+    files: list[Path],
+    overrides: dict,
+    threads: int | None,
+    gpu: str | None = None,
+    timeout: float | None = None,
 ) -> dict:
-    """Train `model` in a fresh process (on GPU `gpu` alone, if given); its result or an error."""
+    """Train `model` in a fresh process (on GPU `gpu` alone, if given); its result or an error.
+
+    After `timeout` seconds the process gets SIGINT, as from Ctrl-C: it stops training and
+    tests its best checkpoint so far (the row is marked).
+    """
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     if gpu is not None:  # RecBole's Config sets CUDA_VISIBLE_DEVICES from gpu_id
@@ -174,13 +192,16 @@ def run_model(
     )
     start = time.time()
     process.start()
-    message = None
+    message, interrupted = None, False
     while message is None:
         try:
             message = messages.get(timeout=2.0)
         except queue.Empty:
             if not process.is_alive():
                 break
+            if timeout and not interrupted and time.time() - start > timeout:
+                os.kill(process.pid, signal.SIGINT)
+                interrupted = True
     process.join()
     if message is None:
         message = {"error": f"the {model} process exited with code {process.exitcode}"}
@@ -193,7 +214,8 @@ def _child(model, files, overrides, threads, messages, gpu) -> None:  # in the s
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     import torch
 
-    from pipeline.runner import USER_ERRORS, train
+    from pipeline.runner import USER_ERRORS, test_stopped_run, train
+    from pipeline.trainer import TrainingInterrupted
 
     if threads:
         torch.set_num_threads(threads)
@@ -202,6 +224,11 @@ def _child(model, files, overrides, threads, messages, gpu) -> None:  # in the s
         torch.cuda.reset_peak_memory_stats()
     try:
         result = train(model, files, overrides)
+    except TrainingInterrupted as stop:  # --model-timeout: test the best model so far
+        result = test_stopped_run(stop)
+        if result is None:
+            messages.put({"error": "stopped by --model-timeout before its first epoch ended"})
+            return
     except USER_ERRORS as err:
         messages.put({"error": str(err)})
         return
@@ -231,6 +258,20 @@ def summarize(model: str, files: list[Path], message: dict) -> dict:
     return row
 
 
+def row_summary(row: dict) -> str:
+    """One line per finished model, so that a log holds the results of a run cut short."""
+    if "error" in row:
+        return f"failed: {row['error'].splitlines()[0]}"
+    seconds = row["seconds_per_epoch"]
+    cut = ", stopped by --model-timeout" if row.get("stopped_at_deadline") else ""
+    return (
+        f"test NDCG@10 {row['test']['ndcg@10']:.4f}, HR@10 {row['test']['hit@10']:.4f}, "
+        f"{len(row['epoch_seconds'])} epochs, train "
+        + (f"{seconds:.2f} s/epoch" if seconds is not None else "n/a")
+        + cut
+    )
+
+
 def run_all(
     models: list[str],
     extra_files: list[Path],
@@ -238,6 +279,7 @@ def run_all(
     threads: int | None,
     gpus: list[str],
     tim4rec_files: list[Path] = (),
+    timeout: float | None = None,
 ) -> list[dict]:
     """Every model's row, in the order given: one after the other, or one per free GPU."""
 
@@ -245,8 +287,8 @@ def run_all(
         files = model_config_files(model, extra_files, tim4rec_files)
         where = f" on GPU {gpu}" if gpu is not None else ""
         print(f"=== {model}{where} ({', '.join(map(str, files)) or 'model defaults'})", flush=True)
-        row = summarize(model, files, run_model(model, files, overrides, threads, gpu))
-        print(f"=== {model} done in {row['wall_seconds']:.0f} s", flush=True)
+        row = summarize(model, files, run_model(model, files, overrides, threads, gpu, timeout))
+        print(f"=== {model} done in {row['wall_seconds']:.0f} s: {row_summary(row)}", flush=True)
         return row
 
     if not gpus:
@@ -297,13 +339,15 @@ def markdown_table(rows: list[dict], header: dict) -> str:
             if row["seconds_per_epoch_from"] == "first epoch only":
                 seconds += "*"
         memory = f"{row['peak_memory_bytes'] / MIB:.0f} ({row['peak_memory_kind']})"
-        cells += [f"{row['n_params']:,}", seconds, str(len(row["epoch_seconds"])), memory]
+        epochs = str(len(row["epoch_seconds"])) + ("†" if row.get("stopped_at_deadline") else "")
+        cells += [f"{row['n_params']:,}", seconds, epochs, memory]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Test split, full ranking over all items (leave-one-out). Bold: best per column. "
-        "Train s/epoch: mean from the second epoch (* = only one epoch ran). Peak MiB: GPU "
-        "peak allocated on CUDA, else the process's peak resident set size.",
+        "Train s/epoch: mean from the second epoch (* = only one epoch ran). † = stopped by "
+        "--model-timeout, best checkpoint so far tested. Peak MiB: GPU peak allocated on CUDA, "
+        "else the process's peak resident set size.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -373,7 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     out_parent = Path(args.out).resolve()
 
     rows = run_all(
-        args.models, extra_files, overrides, args.threads, args.gpus, args.tim4rec_config
+        args.models,
+        extra_files,
+        overrides,
+        args.threads,
+        args.gpus,
+        args.tim4rec_config,
+        args.model_timeout,
     )
 
     first_ok = next((r for r in rows if "error" not in r), {})

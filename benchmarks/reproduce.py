@@ -53,14 +53,13 @@ METRICS = [
 
 def run_spec(name: str, seed: int, args) -> dict:
     model, _, variant = name.partition(":")
-    overrides = {"seed": seed, "show_progress": False, **args.overrides}
+    overrides = {"seed": seed, "show_progress": False, "dataset": args.dataset, **args.overrides}
     if variant:
         overrides["time_encoding"] = variant
     if model in ("TiM4Rec", "SSD4Rec"):
         files = [str(Path(args.tim4rec_config).resolve())]
     else:
         files = [str(REPO_ROOT / "baseline" / model / "config.yaml")]
-        overrides["dataset"] = args.dataset
     if args.epochs:
         overrides["epochs"] = args.epochs
     tag = f"{name.replace(':', '-')}-s{seed}"
@@ -76,33 +75,17 @@ def run_spec(name: str, seed: int, args) -> dict:
 
 
 def worker(spec_path: str) -> None:
-    from pipeline.runner import train
+    from pipeline.runner import test_stopped_run, train
+    from pipeline.trainer import TrainingInterrupted
 
     spec = json.loads(Path(spec_path).read_text())
     try:
         result = train(spec["model"], [Path(f) for f in spec["files"]], spec["overrides"])
-    except KeyboardInterrupt:  # the deadline (SIGINT): test the best model so far
-        result = evaluate_partial(spec)
+    except TrainingInterrupted as stop:  # the deadline (SIGINT): test the best model so far
+        result = test_stopped_run(stop)
+    except KeyboardInterrupt:  # before the first epoch ended: nothing to test
+        result = None
     Path(spec_path).with_suffix(".result.json").write_text(json.dumps(result))
-
-
-def evaluate_partial(spec: dict) -> dict | None:
-    """A run stopped at the deadline: test its best checkpoint, keep its history."""
-    import torch
-
-    from pipeline.runner import evaluate_checkpoint
-
-    folder = Path(spec["overrides"]["checkpoint_dir"])
-    best = [p for p in folder.glob("*.pth") if not p.name.endswith("-last.pth")]
-    last = [p for p in folder.glob("*-last.pth")]
-    if not best:
-        return None
-    result = evaluate_checkpoint(best[0], {"show_progress": False})
-    history = torch.load(last[0], weights_only=True)["history"] if last else []
-    result["epoch_seconds"] = [h["train_seconds"] for h in history]
-    result["valid_curve"] = [h.get("valid_score") for h in history]
-    result["stopped_at_deadline"] = True
-    return result
 
 
 def launch(
@@ -242,7 +225,23 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=0, help="seconds; then stop and report")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids to spread runs over")
     parser.add_argument("--out", default="results/reproduce")
+    parser.add_argument(
+        "--report-from",
+        nargs="+",
+        type=Path,
+        metavar="RUNS_JSON",
+        help="train nothing: merge these runs.json files (e.g. of runs split over machines) "
+        "into one report in --out",
+    )
     args, rest = parser.parse_known_args()
+    if args.report_from:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        runs = [run for path in args.report_from for run in json.loads(path.read_text())]
+        order = {name: i for i, name in enumerate(args.models.split(","))}
+        runs.sort(key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
+        write_report(runs, args.dataset, out)
+        return
     from pipeline.config import parse_args
 
     args.overrides = parse_args(rest).overrides
@@ -255,8 +254,13 @@ def main() -> None:
     ]
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     runs = launch(specs, args.parallel, args.deadline, out, gpus=gpus)
+    write_report(runs, args.dataset, out)
+
+
+def write_report(runs: list[dict], dataset: str, out: Path) -> None:
+    """runs.json, report.md (the table) and valid_ndcg.png in `out`; print the table."""
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
-    table = summarize(runs, args.dataset)
+    table = summarize(runs, dataset)
     (out / "report.md").write_text(table + "\n")
     plot(runs, out / "valid_ndcg.png")
     print(table)

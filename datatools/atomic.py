@@ -267,3 +267,23 @@ def atomic_output(target: Path) -> Iterator[IO[str]]:
         if created and not any(folder.iterdir()):
             folder.rmdir()
         raise
+
+
+def tied_target_share(frame: pd.DataFrame, user: str, time_field: str) -> float:
+    """Share of users whose last interaction has the same timestamp as the one before it.
+
+    Under leave-one-out in time order, that last interaction is the test target. RecBole
+    sorts by time with a stable sort, so the order of tied interactions, and with it
+    which item becomes the target, is the file's row order (day-granular logs tie often).
+    """
+    users = frame[user].to_numpy()
+    times = frame[time_field].to_numpy()
+    codes = pd.factorize(users)[0]
+    order = np.lexsort((times, codes))  # stable: ties keep the file's order
+    codes, times = codes[order], times[order]
+    last = np.flatnonzero(np.r_[codes[1:] != codes[:-1], True])  # each user's last row
+    has_previous = last > 0
+    last = last[has_previous]
+    same_user = codes[last - 1] == codes[last]
+    tied = same_user & (times[last - 1] == times[last])
+    return float(tied.sum() / max(1, same_user.sum()))

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from datatools.atomic import check_atomic_file, read_header
+from datatools.atomic import load_atomic, read_header, tied_target_share
 from datatools.errors import DatasetError
 from datatools.formats import FORMATS
 from datatools.prepare import DEFAULT_CORE, DEFAULT_OUT, KNOWN_DATASETS, day, prepare, shown
@@ -60,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 def run_check(path: Path, time_field: str) -> None:
     names = [name for name, _ in read_header(path)]
     item = next((n for n in ("item_id", "product_id") if n in names), "item_id")
-    summary = check_atomic_file(path, required=("user_id", item), time_field=time_field)
+    summary, frame = load_atomic(path, required=("user_id", item), time_field=time_field)
     print(f"ok      {shown(path)}: columns {', '.join(summary.columns)}")
     print(f"        {summary.rows:,} rows, {summary.users:,} users, {summary.items:,} items")
     print(f"time    {day(summary.time_min)} .. {day(summary.time_max)} (UTC)")
+    tied = tied_target_share(frame, "user_id", time_field)
+    print(
+        f"ties    {100 * tied:.1f}% of users' last interactions (the leave-one-out test "
+        "targets) share their timestamp with the interaction before; the file's row order "
+        "decides which of them is the target"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,7 +109,25 @@ def evaluate_checkpoint(checkpoint: Path, overrides: dict) -> dict:
         "dataset": config["dataset"],
         "checkpoint": str(checkpoint),
         "test": {k: float(v) for k, v in result.items()},
+        "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "device": str(config["device"]),
     }
+
+
+def test_stopped_run(stop: TrainingInterrupted) -> dict | None:
+    """A run stopped early (Ctrl-C, a time limit): test its best checkpoint so far.
+
+    Returns `evaluate_checkpoint`'s result plus the epochs' history, marked
+    `stopped_at_deadline`; None when no epoch finished (nothing to test).
+    """
+    if not stop.best_file:
+        return None
+    result = evaluate_checkpoint(Path(stop.best_file), {"show_progress": False})
+    history = load_checkpoint(stop.last_file)["history"] if stop.last_file else []
+    result["epoch_seconds"] = [h["train_seconds"] for h in history]
+    result["valid_curve"] = [h.get("valid_score") for h in history]
+    result["stopped_at_deadline"] = True
+    return result
 
 
 def metrics_table(result: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ def test_parse_command_passes_overrides_to_every_model(tmp_path):
         (["--gpus", "0,x"], "--gpus takes distinct GPU ids"),
         (["--gpus", "1,1"], "--gpus takes distinct GPU ids"),
         (["--tim4rec-config", "nope.yaml"], "--tim4rec-config file not found"),
+        (["--model-timeout", "0"], "--model-timeout must be > 0"),
         (["--dataset", "no-such-data", "--data_path=/nonexistent"], "'no-such-data' not found"),
     ],
 )
@@ -77,7 +79,7 @@ def test_gpus_run_models_in_parallel_one_per_gpu_in_order(monkeypatch):
     lock = threading.Lock()
     seen = []
 
-    def fake_run_model(model, files, overrides, threads, gpu):
+    def fake_run_model(model, files, overrides, threads, gpu, timeout=None):
         with lock:
             assert gpu not in running.values(), "two models on one GPU"
             running[model] = gpu
@@ -166,3 +168,26 @@ def test_compare_runs_tim4rec_and_a_baseline(tmp_path):
         assert 0 <= row["test"]["ndcg@10"] <= 1
     table = (folder / "comparison.md").read_text()
     assert "| TiM4Rec |" in table and "| GRU4Rec |" in table
+
+
+def test_model_timeout_stops_training_and_tests_the_best_checkpoint_so_far(tmp_path):
+    data = write_slice(tmp_path / "data", "ml-first60", BUNDLED["ml-100k"] / "ml-100k.inter", 60)
+    overrides = {
+        "dataset": "ml-first60",
+        "data_path": str(data),
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "MAX_ITEM_LIST_LENGTH": 20,
+        "show_progress": False,
+        "epochs": 100000,  # only the time limit ends this run
+        "stopping_step": 100000,
+    }
+    files = compare.model_config_files("GRU4Rec", [])
+    started = time.time()
+    message = compare.run_model("GRU4Rec", files, overrides, threads=1, timeout=15)
+    assert time.time() - started < 120
+    assert "error" not in message, message.get("error")
+    assert message["stopped_at_deadline"] is True
+    assert len(message["epoch_seconds"]) >= 1 and 0 <= message["test"]["ndcg@10"] <= 1
+    row = compare.summarize("GRU4Rec", files, message)
+    assert "stopped by --model-timeout" in compare.row_summary(row)
+    assert "†" in compare.markdown_table([row], {"dataset": "ml-first60", "notes": {}})

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from datatools import DatasetError, check_atomic_file, prepare
-from datatools.atomic import atomic_output
+from datatools.atomic import atomic_output, tied_target_share
 from datatools.cli import main
 from datatools.prepare import k_core, prepare_command
 
@@ -232,7 +232,18 @@ def test_cli_prepare_and_check(tmp_path, capsys):
     assert "already exists; pass --force" in capsys.readouterr().err
     assert main(["prepare", "ml-tiny", str(raw), "--out", str(out), "--core=0", "--force"]) == 0
     assert main(["check", str(out / "ml-tiny" / "ml-tiny.inter")]) == 0
-    assert "2 rows, 1 users, 2 items" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 rows, 1 users, 2 items" in printed and "ties    0.0%" in printed
+
+
+def test_tied_target_share_counts_last_interactions_tied_with_the_one_before():
+    frame = pd.DataFrame(
+        {  # user a: last two on day 5 (tied); b: no tie; c: one row only (not counted)
+            "user_id": ["a", "b", "a", "b", "a", "c"],
+            "timestamp": [5.0, 1.0, 1.0, 2.0, 5.0, 9.0],
+        }
+    )
+    assert tied_target_share(frame, "user_id", "timestamp") == 0.5
 
 
 def test_cli_help_runs_as_module():
