@@ -214,8 +214,10 @@ def _child(model, files, overrides, threads, messages, gpu) -> None:  # in the s
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     import torch
 
-    from pipeline.runner import USER_ERRORS, test_stopped_run, train
+    from pipeline.runner import USER_ERRORS, restore_ctrl_c, test_stopped_run, train
     from pipeline.trainer import TrainingInterrupted
+
+    restore_ctrl_c()  # --model-timeout's SIGINT must reach us even when launched with nohup
 
     if threads:
         torch.set_num_threads(threads)

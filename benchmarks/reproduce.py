@@ -75,9 +75,10 @@ def run_spec(name: str, seed: int, args) -> dict:
 
 
 def worker(spec_path: str) -> None:
-    from pipeline.runner import test_stopped_run, train
+    from pipeline.runner import restore_ctrl_c, test_stopped_run, train
     from pipeline.trainer import TrainingInterrupted
 
+    restore_ctrl_c()  # the deadline's SIGINT must reach us even when launched with nohup
     spec = json.loads(Path(spec_path).read_text())
     try:
         result = train(spec["model"], [Path(f) for f in spec["files"]], spec["overrides"])

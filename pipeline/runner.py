@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from logging import getLogger
@@ -112,6 +113,16 @@ def evaluate_checkpoint(checkpoint: Path, overrides: dict) -> dict:
         "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "device": str(config["device"]),
     }
+
+
+def restore_ctrl_c() -> None:
+    """Make SIGINT raise KeyboardInterrupt again in this process.
+
+    A process started in the background by a non-interactive shell (`cmd &` in a script,
+    nohup) inherits SIGINT as ignored, and Python then installs no handler: the SIGINT
+    that compare.py's --model-timeout and reproduce.py's --deadline send would do nothing.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_stopped_run(stop: TrainingInterrupted) -> dict | None:

@@ -191,3 +191,31 @@ def test_model_timeout_stops_training_and_tests_the_best_checkpoint_so_far(tmp_p
     row = compare.summarize("GRU4Rec", files, message)
     assert "stopped by --model-timeout" in compare.row_summary(row)
     assert "†" in compare.markdown_table([row], {"dataset": "ml-first60", "notes": {}})
+
+
+def test_ctrl_c_is_restored_in_a_process_that_inherited_it_ignored():
+    """Background jobs of scripts start with SIGINT ignored; timeouts rely on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal\n"
+        "from pipeline.runner import restore_ctrl_c\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "restore_ctrl_c()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    signal.pause() if hasattr(signal, 'pause') else None\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(compare.__file__).resolve().parent,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "interrupted" in done.stdout, done.stderr[-2000:]
