@@ -39,7 +39,7 @@ from pathlib import Path
 
 from pipeline.config import REPO_ROOT, ConfigError, parse_args
 from pipeline.data import DatasetError, resolve_data_path
-from pipeline.registry import model_names
+from pipeline.registry import SSD_MODELS, model_names
 
 REFERENCE_MODEL = "TiM4Rec"
 DEFAULT_MODELS = (
@@ -146,13 +146,10 @@ def parse_gpus(text: str | None) -> list[str]:
     return gpus
 
 
-SSD_FAMILY = ("TiM4Rec", "SSD4Rec")  # the models --tim4rec-config applies to
-
-
 def model_config_files(model: str, extra: list[Path], tim4rec: list[Path] = ()) -> list[Path]:
     """baseline/<model>/config.yaml (if any), the TiM4Rec setting (SSD models), then `extra`."""
     own = REPO_ROOT / "baseline" / model / "config.yaml"
-    paper = list(tim4rec) if model in SSD_FAMILY else []
+    paper = list(tim4rec) if model in SSD_MODELS else []
     return ([own] if own.is_file() else []) + paper + list(extra)
 
 

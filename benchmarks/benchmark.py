@@ -44,12 +44,11 @@ from benchmarks import measure, report
 from benchmarks.synthetic import ML1M, ML1M_SMALL, SyntheticSpec, ensure_dataset
 from pipeline.config import REPO_ROOT, build_config, parse_value
 from pipeline.data import load_data
-from pipeline.registry import get_model_class, model_names
+from pipeline.registry import SSD_MODELS, get_model_class, model_names
 from pipeline.trainer import ProjectTrainer
 from pipeline.validate import validate_config
 from ssd import triton_available
 
-SSD_MODELS = ("TiM4Rec", "SSD4Rec")
 # models with a torch/triton choice, and the config key that makes it
 BACKEND_KEYS = {"TiM4Rec": "ssd_backend", "SSD4Rec": "ssd_backend", "Mamba4Rec": "mamba_backend"}
 PRECISIONS = ("fp32", "bf16")

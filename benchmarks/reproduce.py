@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.registry import SSD_MODELS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAPER = {  # ../shared/TIM4REC_SPEC.md: TiM4Rec 64d on Amazon Beauty
     "amazon-beauty": {
@@ -56,7 +58,7 @@ def run_spec(name: str, seed: int, args) -> dict:
     overrides = {"seed": seed, "show_progress": False, "dataset": args.dataset, **args.overrides}
     if variant:
         overrides["time_encoding"] = variant
-    if model in ("TiM4Rec", "SSD4Rec"):
+    if model in SSD_MODELS:
         files = [str(Path(args.tim4rec_config).resolve())]
     else:
         files = [str(REPO_ROOT / "baseline" / model / "config.yaml")]

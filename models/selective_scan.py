@@ -22,6 +22,7 @@ step-by-step loops the tests compare against.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -151,6 +152,7 @@ def selective_scan(
 SCAN_BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache
 def triton_scan_available() -> bool:
     """True when Triton (and so `models.selective_scan_triton`) can be imported."""
     try:

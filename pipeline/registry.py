@@ -14,6 +14,7 @@ PROJECT_MODELS = {
     "LRURec": "models.lrurec",
 }
 RECBOLE_MODELS = ("SASRec", "BERT4Rec", "GRU4Rec", "Caser")
+SSD_MODELS = ("TiM4Rec", "SSD4Rec")  # the TiSSD models: one config file serves both
 
 
 def model_names() -> list[str]:

@@ -50,6 +50,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# A run on `ml_tiny` that takes seconds: TiM4Rec-sized settings shrunk to one small layer.
+TINY_RUN = {
+    "dataset": "ml-tiny",
+    "hidden_size": 16,
+    "num_layers": 1,
+    "MAX_ITEM_LIST_LENGTH": 10,
+    "train_batch_size": 256,
+    "eval_batch_size": 256,
+    "show_progress": False,
+}
+
+
 @pytest.fixture(scope="session")
 def ml_tiny(tmp_path_factory) -> Path:
     """data_path holding `ml-tiny`: the first 20 users of the bundled ml-100k."""

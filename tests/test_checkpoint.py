@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_slice
+from conftest import TINY_RUN, write_slice
 
 from pipeline import checkpoint
 from pipeline.checkpoint import (
@@ -24,15 +24,7 @@ from pipeline.data import BUNDLED
 from pipeline.runner import evaluate_checkpoint, train
 
 ML100K = BUNDLED["ml-100k"] / "ml-100k.inter"
-TINY = {
-    "dataset": "ml-tiny",
-    "hidden_size": 16,
-    "num_layers": 1,
-    "MAX_ITEM_LIST_LENGTH": 10,
-    "train_batch_size": 256,
-    "eval_batch_size": 256,
-    "show_progress": False,
-}
+TINY = dict(TINY_RUN)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.runner import train
@@ -18,16 +19,7 @@ from pipeline.trainer import ProjectTrainer, TrainingInterrupted
 
 EPOCHS = 4
 INTERRUPT_AT = 2  # epochs 0 and 1 finish, epoch 2 is cut short
-TINY = {
-    "dataset": "ml-tiny",
-    "hidden_size": 16,
-    "num_layers": 1,
-    "MAX_ITEM_LIST_LENGTH": 10,
-    "train_batch_size": 256,
-    "eval_batch_size": 256,
-    "stopping_step": 10,
-    "show_progress": False,
-}
+TINY = {**TINY_RUN, "stopping_step": 10}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

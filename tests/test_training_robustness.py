@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from pipeline import runner
 from pipeline.checkpoint import CheckpointError, load_checkpoint, temp_files
@@ -23,16 +24,7 @@ from pipeline.registry import get_model_class
 from pipeline.runner import init_run_logger, main, train
 from pipeline.trainer import configure_determinism
 
-TINY = {
-    "dataset": "ml-tiny",
-    "hidden_size": 16,
-    "num_layers": 1,
-    "MAX_ITEM_LIST_LENGTH": 10,
-    "train_batch_size": 256,
-    "eval_batch_size": 256,
-    "stopping_step": 100,
-    "show_progress": False,
-}
+TINY = {**TINY_RUN, "stopping_step": 100}
 
 # Runs run.py's main with torch.save slowed down: it writes half the file, says so, waits,
 # then writes the rest, so that a kill can be aimed at the middle of a checkpoint write.
