@@ -25,13 +25,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import sys
 import types
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.layers import LowerTriangularLinear, PrefixLayerNorm
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ def _import_mamba_triton() -> tuple[Callable, Callable] | None:
     if _mamba_triton is not False:
         return _mamba_triton
     _mamba_triton = None
+    # Keep autotuning results on disk next to the compiled kernels (Triton's cache): only
+    # the first run on a machine pays the search (~90 s); later runs reuse its choice.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -307,6 +314,7 @@ class TiSSDBlock(nn.Module):
 
     Input u (B, L, d) and T (B, H, L); returns (out (B, L, d), T' (B, H, L)). With
     ``is_time=False`` the time path is absent and T passes through unchanged (SSD4Rec).
+    With ``causal_time=True`` output position i depends on inputs 0..i only.
     """
 
     def __init__(
@@ -322,6 +330,7 @@ class TiSSDBlock(nn.Module):
         is_time: bool = True,
         p2p_residual: bool = False,
         time_drop_out: float = 0.0,
+        causal_time: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -356,16 +365,23 @@ class TiSSDBlock(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model)
 
         if is_time:
+            # causal_time: the time path's maps along L see only earlier positions, so the
+            # block is causal end to end (needed to train on every position at once).
+            if causal_time and not p2p_residual:
+                raise ValueError(
+                    "a causal time path needs p2p_residual: True (the per-head gate reads "
+                    "the whole sequence)"
+                )
             L = max_seq_length
+            linear = LowerTriangularLinear if causal_time else partial(nn.Linear, L)
             self.time_conv_1 = CausalDepthwiseConv1d(self.nheads, d_conv)
             self.time_conv_2 = CausalDepthwiseConv1d(self.nheads, d_conv)
             self.time_mlp = nn.Sequential(
-                nn.Dropout(time_drop_out), nn.Linear(L, L), nn.SiLU(), nn.Linear(L, L)
+                nn.Dropout(time_drop_out), linear(L), nn.SiLU(), linear(L)
             )
-            self.time_gate = nn.Sequential(
-                nn.Dropout(time_drop_out), nn.Linear(L, L if p2p_residual else 1), nn.Sigmoid()
-            )
-            self.time_norm = nn.LayerNorm(L)
+            gate = linear(L) if p2p_residual else nn.Linear(L, 1)
+            self.time_gate = nn.Sequential(nn.Dropout(time_drop_out), gate, nn.Sigmoid())
+            self.time_norm = (PrefixLayerNorm if causal_time else nn.LayerNorm)(L)
 
     def forward(
         self, u: torch.Tensor, time_signal: torch.Tensor | None = None

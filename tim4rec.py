@@ -19,10 +19,13 @@ import torch
 import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from models.layers import FeedForward
+from models.layers import FeedForward, PrefixLayerNorm
 from ssd import TiSSDBlock
 
-TIME_ENCODINGS = ("paper", "corrected")
+TIME_ENCODINGS = ("paper", "corrected", "causal")
+# Training batches of all-positions mode (pipeline/sequence_batches.py) carry this field:
+# indices into the flattened (B * L) positions whose next item is a training target.
+POSITION_INDEX = "position_index"
 
 
 class TiSSDLayer(nn.Module):
@@ -50,6 +53,8 @@ class TimeGapEncoder(nn.Module):
     ``"paper"``: gaps on the padded row (the first padding slot sees -t_last, as the
     official model does), Dropout, LayerNorm over L. ``"corrected"``: log1p gaps inside
     the real prefix only, normalised with statistics over real positions, padding zero.
+    ``"causal"``: log1p gaps, position i normalised over positions 0..i (PrefixLayerNorm),
+    so that, with the block's causal time path, no position sees a later one.
     """
 
     def __init__(self, max_seq_length: int, nheads: int, dropout: float, encoding: str) -> None:
@@ -59,7 +64,8 @@ class TimeGapEncoder(nn.Module):
         self.encoding = encoding
         self.nheads = nheads
         self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(max_seq_length)
+        norm = PrefixLayerNorm if encoding == "causal" else nn.LayerNorm
+        self.layer_norm = norm(max_seq_length)
 
     def forward(self, timestamps: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         timestamps = timestamps.to(self.layer_norm.weight.dtype)
@@ -67,6 +73,8 @@ class TimeGapEncoder(nn.Module):
         gaps[:, 1:] = timestamps[:, 1:] - timestamps[:, :-1]  # (B, L)
         if self.encoding == "paper":
             signal = self.layer_norm(self.dropout(gaps))
+        elif self.encoding == "causal":
+            signal = self.dropout(self.layer_norm(torch.log1p(gaps.clamp(min=0))))
         else:
             positions = torch.arange(timestamps.size(1), device=timestamps.device)
             real = positions[None, :] < seq_len[:, None]  # (B, L)
@@ -110,6 +118,7 @@ class TiM4Rec(SequentialRecommender):
             is_time=self.is_time,
             p2p_residual=config["p2p_residual"],
             time_drop_out=config["time_drop_out"],
+            causal_time=self.is_time and config["time_encoding"] == "causal",
             backend=config["ssd_backend"],
         )
         self.layers = nn.ModuleList(
@@ -145,22 +154,44 @@ class TiM4Rec(SequentialRecommender):
             if module.bias is not None:
                 module.bias.data.zero_()
 
-    def forward(
+    @property
+    def is_causal(self) -> bool:
+        """Whether position i's output depends on positions 0..i only (all-positions training)."""
+        return not self.is_time or self.time_encoder.encoding == "causal"
+
+    def encode(
         self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps: torch.Tensor | None
     ) -> torch.Tensor:
-        """Histories (B, L) and their timestamps -> user vectors (B, d)."""
+        """Histories (B, L) and their timestamps -> hidden states at every position (B, L, d)."""
         hidden = self.layer_norm(self.emb_dropout(self.item_embedding(item_seq)))  # (B, L, d)
         time_signal = self.time_encoder(timestamps, item_seq_len) if self.is_time else None
         for layer in self.layers:
             hidden, time_signal = layer(hidden, time_signal)
+        return hidden
+
+    def forward(
+        self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Histories (B, L) and their timestamps -> user vectors (B, d)."""
+        hidden = self.encode(item_seq, item_seq_len, timestamps)  # (B, L, d)
         return self.gather_indexes(hidden, item_seq_len - 1)  # (B, d)
 
-    def _user_vectors(self, interaction) -> torch.Tensor:
+    def _inputs(self, interaction) -> tuple:
         timestamps = interaction[self.time_field] if self.is_time else None
-        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], timestamps)
+        return interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], timestamps
+
+    def _user_vectors(self, interaction) -> torch.Tensor:
+        return self.forward(*self._inputs(interaction))
 
     def calculate_loss(self, interaction) -> torch.Tensor:
-        logits = self._user_vectors(interaction) @ self.item_embedding.weight.T  # (B, V)
+        if POSITION_INDEX in interaction:
+            # All-positions batch: windows (W, L), one target per listed position; for a
+            # causal model, position i's state is that of the prefix sample ending at i.
+            hidden = self.encode(*self._inputs(interaction)).flatten(0, 1)  # (W * L, d)
+            user = hidden.index_select(0, interaction[POSITION_INDEX])  # (n, d)
+        else:
+            user = self._user_vectors(interaction)  # (B, d)
+        logits = user @ self.item_embedding.weight.T  # (B, V)
         return self.loss_fct(logits, interaction[self.POS_ITEM_ID])
 
     def predict(self, interaction) -> torch.Tensor:

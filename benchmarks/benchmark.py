@@ -45,6 +45,7 @@ from benchmarks.synthetic import ML1M, ML1M_SMALL, SyntheticSpec, ensure_dataset
 from pipeline.config import REPO_ROOT, build_config, parse_value
 from pipeline.data import load_data
 from pipeline.registry import SSD_MODELS, get_model_class, model_names
+from pipeline.sequence_batches import DeviceTrainLoader
 from pipeline.trainer import ProjectTrainer
 from pipeline.validate import validate_config
 from ssd import triton_available
@@ -53,6 +54,13 @@ from ssd import triton_available
 BACKEND_KEYS = {"TiM4Rec": "ssd_backend", "SSD4Rec": "ssd_backend", "Mamba4Rec": "mamba_backend"}
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "triton")
+# Training modes of the SSD models (pipeline/sequence_batches.py) and the config they set:
+# "device": RecBole's samples, batches built on the GPU; "all": every position at once,
+# with TiM4Rec's causal time encoding.
+MODES = {
+    "device": {"train_loader": "device"},
+    "all": {"train_positions": "all", "time_encoding": "causal", "p2p_residual": True},
+}
 FIRST = ("TiM4Rec", "SSD4Rec", "SASRec", "Mamba4Rec")  # the issue's models lead the table
 MOVIE_CONFIG = REPO_ROOT / "config" / "config4movie_64d.yaml"
 BEAUTY_CONFIG = REPO_ROOT / "config" / "config4beauty_64d.yaml"
@@ -186,15 +194,17 @@ def locate_beauty(data_file: str | None) -> Path:
 
 @dataclass(frozen=True)
 class Variant:
-    """One table row: a model, its SSD backend (SSD models only) and a precision."""
+    """One table row: a model, its SSD backend (SSD models only), a precision and a
+    training mode (SSD models only: None, "device" or "all")."""
 
     model: str
     backend: str | None
     precision: str
+    mode: str | None = None
 
     @property
     def label(self) -> str:
-        return ":".join(p for p in (self.model, self.backend, self.precision) if p)
+        return ":".join(p for p in (self.model, self.backend, self.precision, self.mode) if p)
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -209,9 +219,10 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
 
     `TiM4Rec` expands to every available SSD backend x {fp32, bf16}; `SSD4Rec` to the best
     backend in fp32; other models to fp32. `Name:opt[:opt]` picks one row (opts:
-    torch/triton, fp32/bf16). `all` (the default on CUDA): every registered model, the
-    issue's four first and TiM4Rec's slower backend after them; `core` (the default on
-    CPU): only TiM4Rec, SSD4Rec, SASRec and Mamba4Rec.
+    torch/triton, fp32/bf16, and for the SSD models the training mode device/all).
+    `all` (the default on CUDA): every registered model, the issue's four first, TiM4Rec's
+    all-positions rows and slower backend after them; `core` (the default on CPU): only
+    TiM4Rec (with its all-positions rows), SSD4Rec, SASRec and Mamba4Rec.
     """
     names = model_names()
     backends = available_backends(device)
@@ -222,9 +233,11 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
         tim = expand("TiM4Rec", None, None, backends)
         fast = [v for v in tim if v.backend == backends[0]]
         rest = [v for v in tim if v.backend != backends[0]]
+        all_positions = [replace(v, mode="all") for v in fast]
         return (
             fast
             + [v for n in FIRST[1:] for v in expand(n, None, None, backends)]
+            + all_positions
             + rest
             + [v for n in others for v in expand(n, None, None, backends)]
         )
@@ -235,13 +248,19 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
             raise BenchmarkError(
                 f"unknown model {name!r} in --models; choose from {', '.join(names)}"
             )
-        unknown = [o for o in options if o not in BACKENDS + PRECISIONS]
+        unknown = [o for o in options if o not in BACKENDS + PRECISIONS + tuple(MODES)]
         if unknown:
             raise BenchmarkError(
-                f"--models {token!r}: unknown option {unknown[0]!r}; use torch/triton, fp32/bf16"
+                f"--models {token!r}: unknown option {unknown[0]!r}; use torch/triton, "
+                "fp32/bf16, device/all"
             )
         backend = next((o for o in options if o in BACKENDS), None)
         precision = next((o for o in options if o in PRECISIONS), None)
+        mode = next((o for o in options if o in MODES), None)
+        if mode and name not in SSD_MODELS:
+            raise BenchmarkError(
+                f"--models {token!r}: the training modes device/all are for {', '.join(SSD_MODELS)}"
+            )
         if backend and name not in BACKEND_KEYS:
             raise BenchmarkError(
                 f"--models {token!r}: only {', '.join(BACKEND_KEYS)} have torch/triton backends"
@@ -252,7 +271,7 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
                 f"{device.type} (available: {', '.join(backends)}); triton needs CUDA and "
                 "mamba-ssm's Triton kernels"
             )
-        rows.extend(expand(name, backend, precision, backends))
+        rows.extend(replace(v, mode=mode) for v in expand(name, backend, precision, backends))
     if not rows:
         raise BenchmarkError("--models names no model")
     return rows
@@ -438,7 +457,8 @@ class Benchmark:
     # -- one row -----------------------------------------------------------------------
     def run_variant(self, variant: Variant, rows_left: int) -> None:
         row: dict = {"model": variant.model, "backend": variant.backend,
-                     "precision": variant.precision, "status": "running", "errors": {}}  # fmt: skip
+                     "precision": variant.precision, "mode": variant.mode,
+                     "status": "running", "errors": {}}  # fmt: skip
         self.result["rows"].append(row)
         if self.remaining() <= 0:
             row.update(status="skipped", errors={"all": "time budget spent"})
@@ -483,8 +503,12 @@ class Benchmark:
 
     def build(self, variant: Variant, row: dict) -> dict:
         extra = {BACKEND_KEYS[variant.model]: variant.backend} if variant.backend else {}
+        extra.update(MODES.get(variant.mode, {}))  # SSD4Rec ignores the time encoding keys
         model_class, config = self.config(variant.model, extra)
         dataset, train, valid, test = self.data(config)
+        if variant.mode:  # the same samples, batches built on the device
+            positions = config["train_positions"] or "last"
+            train = DeviceTrainLoader(config, train, positions, self.device)
         init_seed(config["seed"], config["reproducibility"])
         with capture_logs() as messages:  # e.g. which Mamba mixer or SSD backend runs
             model = model_class(config, train.dataset).to(self.device)
@@ -498,7 +522,7 @@ class Benchmark:
         row["parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row["batch_size"] = int(config["train_batch_size"])
         row["seq_len"] = int(config["MAX_ITEM_LIST_LENGTH"])
-        if variant.model in SSD_MODELS:
+        if variant.model in SSD_MODELS and variant.mode != "all":  # the floor is per B x L step
             shape = floor_model.StepShape.from_config(
                 config, dataset.item_num, is_time=model.is_time
             )
@@ -537,6 +561,8 @@ class Benchmark:
             first.append(seconds)
         # The epoch's last, smaller batch has its own kernel specialisations: compile them now.
         n_last = len(state["train"].dataset) % row["batch_size"]
+        if state["variant"].mode == "all":  # steps already vary in size: no tail shape
+            n_last = 0
         tail_s = None
         if n_last:
             _, tail_s = measure.wall(lambda: self.train_step(state, batches[0][:n_last]), device)

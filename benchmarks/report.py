@@ -122,7 +122,8 @@ STAGE_COLUMNS = {"steps": 3, "epoch": 5, "eval": 8, "latency": 9}  # stage -> it
 
 def row_cells(row: dict, repeat: int) -> list[str]:
     """One table row; a failed or skipped variant says why in its first free cell."""
-    cells = [row["model"], row.get("backend") or "-", row["precision"]]
+    mode = {"device": " (device loader)", "all": " (all positions)"}.get(row.get("mode") or "", "")
+    cells = [row["model"] + mode, row.get("backend") or "-", row["precision"]]
     step = row.get("step_ms")
     spread = row.get("step_ms_spread")
     step_text = fmt(step, 2 if step is not None and step < 10 else 1)

@@ -53,11 +53,32 @@ METRICS = [
 ]
 
 
+# `Model:variant[:variant]` names: the settings each variant adds to the run's config.
+VARIANTS = {
+    "corrected": {"time_encoding": "corrected"},
+    "causal": {"time_encoding": "causal", "p2p_residual": True},
+    "all": {"train_positions": "all", "time_encoding": "causal", "p2p_residual": True},
+    "device": {"train_loader": "device"},
+    "bf16": {"precision": "bf16"},
+}
+
+
+def variant_overrides(name: str) -> dict:
+    """`TiM4Rec:all:bf16` -> the config settings of its variants (ValueError if unknown)."""
+    overrides = {}
+    for variant in name.split(":")[1:]:
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"unknown variant {variant!r} in {name!r}; choose from {', '.join(VARIANTS)}"
+            )
+        overrides.update(VARIANTS[variant])
+    return overrides
+
+
 def run_spec(name: str, seed: int, args) -> dict:
-    model, _, variant = name.partition(":")
+    model = name.partition(":")[0]
     overrides = {"seed": seed, "show_progress": False, "dataset": args.dataset, **args.overrides}
-    if variant:
-        overrides["time_encoding"] = variant
+    overrides.update(variant_overrides(name))
     if model in SSD_MODELS:
         files = [str(Path(args.tim4rec_config).resolve())]
     else:
@@ -248,13 +269,16 @@ def main() -> None:
     from pipeline.config import parse_args
 
     args.overrides = parse_args(rest).overrides
+    try:
+        specs = [
+            run_spec(name, int(seed), args)
+            for seed in args.seeds.split(",")
+            for name in args.models.split(",")
+        ]
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = [
-        run_spec(name, int(seed), args)
-        for seed in args.seeds.split(",")
-        for name in args.models.split(",")
-    ]
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     runs = launch(specs, args.parallel, args.deadline, out, gpus=gpus)
     write_report(runs, args.dataset, out)

@@ -25,3 +25,31 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, L, d)
         hidden = self.w_2(self.dropout(self.activation(self.w_1(x))))
         return self.layer_norm(self.dropout(hidden) + x)
+
+
+class LowerTriangularLinear(nn.Linear):
+    """Linear map along the sequence axis (L -> L) in which output i sees inputs j <= i.
+
+    The causal counterpart of the time path's ``nn.Linear(L, L)``: the same parameters
+    (an L x L weight, whose upper triangle is kept at zero, and a bias per position).
+    """
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length, length)
+        self.register_buffer("mask", torch.ones(length, length).tril(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., L) -> (..., L)
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class PrefixLayerNorm(nn.LayerNorm):
+    """LayerNorm over the sequence axis in which position i is normalised with the mean and
+    variance of positions 0..i only: causal, so a prefix's values do not depend on what
+    follows. Per-position weight and bias as ``nn.LayerNorm(L)``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., L) -> (..., L)
+        count = torch.arange(1, x.size(-1) + 1, device=x.device, dtype=x.dtype)
+        mean = x.cumsum(dim=-1) / count
+        var = (x.square().cumsum(dim=-1) / count - mean.square()).clamp(min=0)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias

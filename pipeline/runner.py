@@ -19,6 +19,7 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import REPO_ROOT, ConfigError, build_config, parse_args
 from pipeline.data import DatasetError, load_data
 from pipeline.registry import get_model_class
+from pipeline.sequence_batches import make_train_loader
 from pipeline.trainer import TrainingInterrupted, new_run_id
 from pipeline.validate import validate_config
 
@@ -41,6 +42,7 @@ def prepare_run(model_name: str, config_files: list[Path], overrides: dict):
     ensure_writable(config["checkpoint_dir"])
     dataset, train_data, valid_data, test_data = load_data(config)
     logger.info(dataset)
+    train_data = make_train_loader(config, train_data)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = model_class(config, train_data.dataset).to(config["device"])
     logger.info(model)

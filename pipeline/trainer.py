@@ -233,6 +233,17 @@ def _to_tuple(value):
 # --- the trainer ------------------------------------------------------------------------
 
 
+def bf16_autocast(loss_func, device: torch.device):
+    """`loss_func` run under bfloat16 autocast (products and activations in bf16, the
+    optimizer's weights and the loss reduction in float32; no loss scaling needed)."""
+
+    def loss_in_bf16(interaction):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            return loss_func(interaction)
+
+    return loss_in_bf16
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; says which checkpoints are on disk and where to resume."""
 
@@ -360,6 +371,8 @@ class ProjectTrainer(Trainer):
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         start = time()
+        if self.config["precision"] == "bf16":
+            loss_func = bf16_autocast(loss_func or self.model.calculate_loss, self.device)
         loss = super()._train_epoch(
             train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress
         )

@@ -5,7 +5,8 @@ Three kinds of check, each raising ConfigError that names the key and the fix:
   project knows; the closest known key is suggested;
 - types of the keys this project relies on (bool is not accepted as int);
 - values and consistency (positive sizes, dropout in [0, 1), head_dim | expand * hidden_size,
-  MAX_ITEM_LIST_LENGTH >= 2, known time_encoding / ssd_backend).
+  MAX_ITEM_LIST_LENGTH >= 2, known time_encoding / ssd_backend, all-positions training
+  only for causal models on one process).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "deterministic": (bool,),
     "dataset": (str,),
+    "train_loader": (str,),
+    "train_positions": (str,),
+    "precision": (str,),
 }
 POSITIVE_KEYS = (
     "hidden_size",
@@ -198,6 +202,49 @@ def check_values(config) -> None:
                 raise ConfigError(
                     f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
                 )
+    check_training_mode(config, value)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_training_mode(config, value) -> None:
+    """train_loader, train_positions and precision: known values, and all-positions
+    training only where every position's output depends on earlier positions only."""
+    from pipeline.sequence_batches import TRAIN_LOADERS, TRAIN_POSITIONS
+
+    for key, choices in (
+        ("train_loader", TRAIN_LOADERS),
+        ("train_positions", TRAIN_POSITIONS),
+        ("precision", PRECISIONS),
+    ):
+        if value(key) is not None and value(key) not in choices:
+            raise ConfigError(
+                f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
+            )
+    uses_device_loader = value("train_loader") == "device" or value("train_positions") == "all"
+    if uses_device_loader and (config["world_size"] or 1) > 1:
+        raise ConfigError(
+            "train_loader: device and train_positions: all run on one process; under torchrun "
+            "use train_loader: recbole and train_positions: last"
+        )
+    if value("time_encoding") == "causal" and value("is_time") and not value("p2p_residual"):
+        raise ConfigError(
+            "time_encoding: causal needs p2p_residual: True (the per-head gate reads the "
+            "whole sequence)"
+        )
+    if value("train_positions") != "all":
+        return
+    if config["model"] not in ("TiM4Rec", "SSD4Rec"):
+        raise ConfigError(
+            f"train_positions: all is implemented for TiM4Rec and SSD4Rec, not {config['model']}"
+        )
+    if config["model"] == "TiM4Rec" and value("is_time") and value("time_encoding") != "causal":
+        raise ConfigError(
+            "train_positions: all needs a causal model: TiM4Rec's time path with "
+            f"time_encoding: {value('time_encoding')} mixes all positions. Set "
+            "--time_encoding=causal (with p2p_residual: True), or train_positions: last"
+        )
 
 
 def validate_config(config) -> None:

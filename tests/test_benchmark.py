@@ -185,9 +185,15 @@ def test_models_option():
         "Mamba4Rec:torch:fp32",
     ]
     assert len(labels) == len(set(labels))
-    picked = benchmark.parse_models("TiM4Rec:bf16, SASRec:bf16", cpu)
-    assert [v.label for v in picked] == ["TiM4Rec:torch:bf16", "SASRec:bf16"]
+    assert "TiM4Rec:torch:bf16:all" in labels
+    picked = benchmark.parse_models("TiM4Rec:bf16, SASRec:bf16, SSD4Rec:device", cpu)
+    assert [v.label for v in picked] == [
+        "TiM4Rec:torch:bf16",
+        "SASRec:bf16",
+        "SSD4Rec:torch:fp32:device",
+    ]
     for text, message in [
+        ("SASRec:all", "training modes device/all are for"),
         ("Nope", "unknown model"),
         ("TiM4Rec:triton", "not available on cpu"),
         ("SASRec:torch", "torch/triton backends"),
@@ -269,6 +275,34 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert printed[-1].startswith("| SASRec |")  # the table is printed last
     assert table.strip().splitlines()[-3].startswith("| TiM4Rec | torch | fp32 |")
     assert "error: build: RuntimeError: broken on purpose" in table
+
+
+def test_training_mode_rows_run_on_the_device_loader(tmp_path, monkeypatch):
+    code, result, table = _run(
+        tmp_path, monkeypatch, "--models", "TiM4Rec:fp32:all,SSD4Rec:device", "--threads", "1"
+    )
+    assert code == 0
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
+    all_positions, device = result["rows"]
+    assert all_positions["mode"] == "all" and "floor" not in all_positions  # not a B x L step
+    assert all_positions["step_ms"] > 0 and all_positions["epoch_s"] > 0
+    assert device["floor"]["training_flops"] > 0
+    assert "| TiM4Rec (all positions) | torch | fp32 |" in table
+    assert "| SSD4Rec (device loader) | torch | fp32 |" in table
+
+
+def test_reproduce_variants_set_their_config():
+    from benchmarks.reproduce import variant_overrides
+
+    assert variant_overrides("TiM4Rec") == {}
+    assert variant_overrides("TiM4Rec:all:bf16") == {
+        "train_positions": "all",
+        "time_encoding": "causal",
+        "p2p_residual": True,
+        "precision": "bf16",
+    }
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+        variant_overrides("TiM4Rec:fast")
 
 
 def test_time_budget_skips_but_writes(tmp_path, monkeypatch):

@@ -148,7 +148,10 @@ def test_keys_of_recbole_and_other_models_are_known():
         ({"learning_rate": "fast"}, "config key learning_rate must be float or int, got 'fast'"),
         ({"dropout_prob": 1.5}, "dropout_prob is a dropout probability in [0, 1), got 1.5"),
         ({"hidden_size": 0}, "config key hidden_size must be positive, got 0"),
-        ({"time_encoding": "log"}, "time_encoding must be one of paper, corrected, got 'log'"),
+        (
+            {"time_encoding": "log"},
+            "time_encoding must be one of paper, corrected, causal, got 'log'",
+        ),
     ],
 )
 def test_wrong_type_or_value(overrides, expected):
