@@ -649,7 +649,9 @@ def export_recommendations(
     run = StoredRun.load(checkpoint)
     check_k(k, run.n_items)
 
-    config, dataset, _, model = prepare_run(run.model, [], {**run.config, **(overrides or {})})
+    config, dataset, _, model = prepare_run(
+        run.model, [], {**run.config, **(overrides or {})}, training=False
+    )
     _check_same_data(run, dataset, config)
     load_weights(model, run)
     device = _device(device) if device is not None else torch.device(config["device"])

@@ -27,8 +27,9 @@ USER_ERRORS = (ConfigError, DatasetError, CheckpointError)
 METRICS_ORDER = ("hit", "ndcg", "mrr")
 
 
-def prepare_run(model_name: str, config_files: list[Path], overrides: dict):
-    """Config, logger, seed, data and model: everything a run needs before training."""
+def prepare_run(model_name: str, config_files: list[Path], overrides: dict, training: bool = True):
+    """Config, logger, seed, data and model: everything a run needs before training
+    (`training=False`: RecBole's train loader as it is, for evaluation only)."""
     os.chdir(REPO_ROOT)  # log/, log_tensorboard/ and saved/ live at the repository root
     model_class = get_model_class(model_name)
     overrides = distributed.init_from_env(overrides)  # torchrun: join the process group
@@ -42,7 +43,8 @@ def prepare_run(model_name: str, config_files: list[Path], overrides: dict):
     ensure_writable(config["checkpoint_dir"])
     dataset, train_data, valid_data, test_data = load_data(config)
     logger.info(dataset)
-    train_data = make_train_loader(config, train_data)
+    if training:
+        train_data = make_train_loader(config, train_data)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = model_class(config, train_data.dataset).to(config["device"])
     logger.info(model)
@@ -98,7 +100,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: dict) -> dict:
     model_name = payload["identity"]["model"]
     stored = dict(payload["config"])
     stored.update(overrides)
-    config, dataset, (_, _, test_data), model = prepare_run(model_name, [], stored)
+    config, dataset, (_, _, test_data), model = prepare_run(model_name, [], stored, training=False)
     trainer = distributed.make_trainer(config, model, dataset)
     result = trainer.evaluate(
         test_data,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from test_resume import assert_identical, outcome
 
 from models.layers import LowerTriangularLinear, PrefixLayerNorm
 from pipeline.config import ConfigError, build_config
-from pipeline.runner import train
+from pipeline.runner import evaluate_checkpoint, train
 from pipeline.sequence_batches import (
     DeviceTrainLoader,
     SequenceStore,
@@ -242,6 +243,9 @@ def test_all_positions_training_learns_and_resumes_bit_for_bit(ml_tiny, tmp_path
 
     reference = run(tmp_path / "reference")
     assert reference["test"]["ndcg@10"] > 0
+    # test.py's path rebuilds the model from the checkpoint and scores the same.
+    tested = evaluate_checkpoint(Path(reference["checkpoint"]), {"show_progress": False})
+    assert tested["test"] == reference["test"]
 
     original = ProjectTrainer._train_epoch
 
