@@ -187,6 +187,11 @@ def shutdown() -> None:
 # --- splitting batches across ranks -------------------------------------------------------
 
 
+# A batch that carries this field (pipeline/sequence_batches.py under torchrun) is already
+# this rank's share, and the field holds its step weight (see step_weights).
+STEP_WEIGHT = "step_weight"
+
+
 def share(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of rank's contiguous share of n items; the first n % world get one more."""
     base, extra = divmod(n, world_size)
@@ -381,11 +386,15 @@ class _DataParallelLoop(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if loss_func is not None:
             raise NotImplementedError("distributed training uses the model's calculate_loss")
-        weights = iter(shard_loader(train_data, RankShardBatches).weights())
+        # The device loader cuts its own shares and puts each step's weight in the batch.
+        shards_itself = getattr(train_data, "shards_steps", False)
+        weights = (
+            None if shards_itself else iter(shard_loader(train_data, RankShardBatches).weights())
+        )
 
         def weighted_loss(interaction):
             losses = self.ddp_model(interaction)
-            weight = next(weights)
+            weight = interaction[STEP_WEIGHT] if weights is None else next(weights)
             if isinstance(losses, tuple):
                 return tuple(loss * weight for loss in losses)
             return losses * weight

@@ -17,7 +17,10 @@ Two ways to cut an epoch into steps (`train_positions`):
   last position). For a causal model every sample's loss is the same as in ``last`` mode,
   at a fraction of the sequence work; steps hold about `train_batch_size` targets each.
 
-`train_loader: device` selects this loader for ``last``; ``all`` always uses it.
+`train_loader: device` selects this loader for ``last``; ``all`` always uses it. Under
+torchrun every rank draws the same order and takes its contiguous share of each step (for
+``all``, windows holding about 1/N of the step's targets), with the step weight that makes
+DDP's gradient average that of the whole step (pipeline/distributed.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 from recbole.data.interaction import Interaction
 
+from pipeline import distributed
+from pipeline.distributed import STEP_WEIGHT, share
 from tim4rec import POSITION_INDEX
 
 TRAIN_LOADERS = ("recbole", "device")
@@ -145,8 +150,10 @@ class DeviceTrainLoader:
 
     Has what ProjectTrainer and RecBole's Trainer read from a train loader: iteration,
     len, `dataset`, `generator` (its state is saved in checkpoints, so resuming repeats
-    the same order), `shuffle`.
+    the same order), `shuffle`; and `shards_steps` for the data-parallel loop.
     """
+
+    shards_steps = True
 
     def __init__(self, config, recbole_loader, positions: str, device: torch.device) -> None:
         if positions not in TRAIN_POSITIONS:
@@ -156,7 +163,10 @@ class DeviceTrainLoader:
         self.batch_size = int(config["train_batch_size"])
         self.device = torch.device(device)
         self.shuffle = True
-        self.generator = torch.Generator()
+        distributed_run = distributed.is_distributed()
+        self.rank = torch.distributed.get_rank() if distributed_run else 0
+        self.world_size = torch.distributed.get_world_size() if distributed_run else 1
+        self.generator = torch.Generator()  # the config's seed: the same order on every rank
         self.generator.manual_seed(int(config["seed"]))
         self.store = SequenceStore(self.dataset, int(config["MAX_ITEM_LIST_LENGTH"]))
         self.store.to(self.device)
@@ -184,30 +194,49 @@ class DeviceTrainLoader:
         order = torch.randperm(self._count(), generator=self.generator)
         if self.positions == "last":
             for batch in order.split(self.batch_size):
-                yield self._samples(batch.to(self.device, non_blocking=True))
+                start, stop = share(len(batch), self.rank, self.world_size)
+                weight = (stop - start) * self.world_size / len(batch)
+                mine = batch[start:stop] if stop > start else batch[:1]  # weight 0: joins
+                yield self._samples(mine.to(self.device, non_blocking=True), weight)
             return
         # Cut the shuffled windows where the running target count passes each multiple of
         # the batch size: every step holds about batch_size targets.
-        running = np.cumsum(self.window_targets[order.numpy()])
+        targets = self.window_targets[order.numpy()]
+        running = np.cumsum(targets)
         cuts = np.searchsorted(running, np.arange(self.batch_size, running[-1], self.batch_size))
         bounds = np.unique(np.r_[0, cuts + 1, len(order)].clip(max=len(order)))
         for a, b in zip(bounds[:-1], bounds[1:]):
-            n_targets = int(running[b - 1] - (running[a - 1] if a else 0))
-            yield self._windows(order[a:b].to(self.device, non_blocking=True), n_targets)
+            step = np.cumsum(targets[a:b])
+            n_step = int(step[-1])
+            # This rank's windows: those whose running count ends in its 1/N of the step.
+            lo, hi = np.searchsorted(
+                step, np.array([self.rank, self.rank + 1]) * n_step / self.world_size, side="right"
+            )
+            n_mine = int(step[hi - 1] - (step[lo - 1] if lo else 0)) if hi > lo else 0
+            weight = n_mine * self.world_size / n_step
+            if hi == lo:  # nothing left for this rank: one window at weight 0, to join
+                lo, hi, n_mine = 0, 1, int(step[0])
+            mine = order[a + lo : a + hi].to(self.device, non_blocking=True)
+            yield self._windows(mine, n_mine, weight)
 
     def _count(self) -> int:
         return len(self.store) if self.positions == "last" else len(self.window_targets)
 
-    def _samples(self, index: torch.Tensor) -> Interaction:
+    def _with_weight(self, data: dict, weight: float) -> Interaction:
+        if self.world_size > 1:
+            data[STEP_WEIGHT] = torch.tensor(weight, device=self.device)
+        return Interaction(data)
+
+    def _samples(self, index: torch.Tensor, weight: float = 1.0) -> Interaction:
         store = self.store
         ends, lengths = self._ends[index], self._lengths[index]
         data = {store.uid_field: store.uids[index], store.length_field: lengths}
         for field in store.fields:
             data[field] = store.flat[field][ends]
             data[field + store.list_suffix] = store.histories(field, ends, lengths)
-        return Interaction(data)
+        return self._with_weight(data, weight)
 
-    def _windows(self, index: torch.Tensor, n_targets: int) -> Interaction:
+    def _windows(self, index: torch.Tensor, n_targets: int, weight: float = 1.0) -> Interaction:
         store, window = self.store, self.window
         start, length = window["start"][index], window["length"][index]
         first = window["first"][index]
@@ -226,7 +255,7 @@ class DeviceTrainLoader:
         for field in store.fields:
             data[field] = store.flat[field][start[row] + position + 1]
             data[field + store.list_suffix] = store.histories(field, ends, length)
-        return Interaction(data)
+        return self._with_weight(data, weight)
 
 
 def make_train_loader(config, recbole_loader):

@@ -6,7 +6,7 @@ Three kinds of check, each raising ConfigError that names the key and the fix:
 - types of the keys this project relies on (bool is not accepted as int);
 - values and consistency (positive sizes, dropout in [0, 1), head_dim | expand * hidden_size,
   MAX_ITEM_LIST_LENGTH >= 2, known time_encoding / ssd_backend, all-positions training
-  only for causal models on one process).
+  only for causal models).
 """
 
 from __future__ import annotations
@@ -222,12 +222,6 @@ def check_training_mode(config, value) -> None:
             raise ConfigError(
                 f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
             )
-    uses_device_loader = value("train_loader") == "device" or value("train_positions") == "all"
-    if uses_device_loader and (config["world_size"] or 1) > 1:
-        raise ConfigError(
-            "train_loader: device and train_positions: all run on one process; under torchrun "
-            "use train_loader: recbole and train_positions: last"
-        )
     if value("time_encoding") == "causal" and value("is_time") and not value("p2p_residual"):
         raise ConfigError(
             "time_encoding: causal needs p2p_residual: True (the per-head gate reads the "

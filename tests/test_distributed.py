@@ -256,6 +256,35 @@ def test_throughput_benchmark_runs_one_and_two_processes(tmp_path):
     assert "where a step goes" in done.stdout
 
 
+ALL_POSITIONS = {"train_positions": "all", "time_encoding": "causal", "p2p_residual": True}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [ALL_POSITIONS, {"train_loader": "device"}])
+def test_the_device_loader_on_two_processes_trains_the_same_weights_as_one(tmp_path, mode):
+    """The device loader under torchrun: each rank takes its share of every step (for all
+    positions, of its windows) and the step weights make the 2-process gradient that of the
+    whole step."""
+    from conftest import write_slice
+
+    from pipeline.data import BUNDLED
+
+    data = write_slice(tmp_path / "data", "ml-slice", BUNDLED["ml-100k"] / "ml-100k.inter", 12)
+    extra = ["--mode", json.dumps(mode)]
+    launch(["--data", str(data), "--out", str(tmp_path / "one"), *extra], nproc=None)
+    launch(["--data", str(data), "--out", str(tmp_path / "two"), *extra], nproc=2)
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())["result"]
+    two = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text())["result"] for r in (0, 1)]
+    assert two[0]["test"] == two[1]["test"]
+    weights_one = state_of(one["last_checkpoint"])["state_dict"]
+    weights_two = state_of(two[0]["last_checkpoint"])["state_dict"]
+    for name, weight in weights_one.items():
+        torch.testing.assert_close(weights_two[name], weight, rtol=1e-4, atol=2e-6, msg=name)
+    losses_one = [h["train_loss"] for h in state_of(one["last_checkpoint"])["history"]]
+    losses_two = [h["train_loss"] for h in state_of(two[0]["last_checkpoint"])["history"]]
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+
+
 # --- the worker (run by the tests above through torchrun) -------------------------------
 
 
@@ -264,6 +293,7 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reference", help="a 1-process best checkpoint to re-evaluate")
+    parser.add_argument("--mode", default="{}", help="JSON: extra config (training mode)")
     args = parser.parse_args(argv)
 
     import pipeline.trainer as trainer_module
@@ -287,7 +317,7 @@ def worker(argv: list[str]) -> None:
 
     trainer_module.ProjectTrainer.__init__ = keep_initial
     saved = args.out / "saved"
-    result = train("TiM4Rec", [], run_overrides(args.data, str(saved)))
+    result = train("TiM4Rec", [], {**run_overrides(args.data, str(saved)), **json.loads(args.mode)})
     out = {
         "rank": distributed.rank(),
         "world_size": torch.distributed.get_world_size() if distributed.is_distributed() else 1,

@@ -222,7 +222,6 @@ def test_make_train_loader_turns_a_store_error_into_a_config_error(ml100k_slice,
         ("TiM4Rec", {"train_positions": "every"}, "train_positions must be one of last, all"),
         ("TiM4Rec", {"train_loader": "gpu"}, "train_loader must be one of recbole, device"),
         ("TiM4Rec", {"precision": "fp16"}, "precision must be one of fp32, bf16"),
-        ("TiM4Rec", {"train_loader": "device", "world_size": 2}, "run on one process"),
     ],
 )
 def test_wrong_training_modes_are_refused(model, overrides, message):
