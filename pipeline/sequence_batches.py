@@ -192,12 +192,15 @@ class DeviceTrainLoader:
 
     def __iter__(self) -> Iterator[Interaction]:
         order = torch.randperm(self._count(), generator=self.generator)
+        # One copy per epoch: a copy from pageable memory waits for the GPU's queue, so one
+        # per step would stall every step.
+        order_on_device = order.to(self.device)
         if self.positions == "last":
-            for batch in order.split(self.batch_size):
+            for batch in order_on_device.split(self.batch_size):
                 start, stop = share(len(batch), self.rank, self.world_size)
                 weight = (stop - start) * self.world_size / len(batch)
                 mine = batch[start:stop] if stop > start else batch[:1]  # weight 0: joins
-                yield self._samples(mine.to(self.device, non_blocking=True), weight)
+                yield self._samples(mine, weight)
             return
         # Cut the shuffled windows where the running target count passes each multiple of
         # the batch size: every step holds about batch_size targets.
@@ -216,15 +219,14 @@ class DeviceTrainLoader:
             weight = n_mine * self.world_size / n_step
             if hi == lo:  # nothing left for this rank: one window at weight 0, to join
                 lo, hi, n_mine = 0, 1, int(step[0])
-            mine = order[a + lo : a + hi].to(self.device, non_blocking=True)
-            yield self._windows(mine, n_mine, weight)
+            yield self._windows(order_on_device[a + lo : a + hi], n_mine, weight)
 
     def _count(self) -> int:
         return len(self.store) if self.positions == "last" else len(self.window_targets)
 
     def _with_weight(self, data: dict, weight: float) -> Interaction:
         if self.world_size > 1:
-            data[STEP_WEIGHT] = torch.tensor(weight, device=self.device)
+            data[STEP_WEIGHT] = torch.full((), weight, device=self.device)  # no host copy
         return Interaction(data)
 
     def _samples(self, index: torch.Tensor, weight: float = 1.0) -> Interaction:
