@@ -222,6 +222,18 @@ def check_training_mode(config, value) -> None:
             raise ConfigError(
                 f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
             )
+    uses_device_loader = value("train_loader") == "device" or value("train_positions") == "all"
+    negatives = (value("train_neg_sample_args") or {}).get("distribution", "none")
+    if uses_device_loader and value("transform"):
+        raise ConfigError(
+            f"train_loader: device does not apply RecBole's batch transform "
+            f"(transform: {value('transform')}, e.g. BERT4Rec's masking); use train_loader: recbole"
+        )
+    if uses_device_loader and negatives != "none":
+        raise ConfigError(
+            "train_loader: device draws no negative samples (train_neg_sample_args: "
+            f"{negatives}); use train_loader: recbole, or loss_type: CE without negatives"
+        )
     if value("time_encoding") == "causal" and value("is_time") and not value("p2p_residual"):
         raise ConfigError(
             "time_encoding: causal needs p2p_residual: True (the per-head gate reads the "
