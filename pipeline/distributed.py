@@ -30,9 +30,10 @@ CPU). docs/distributed.md is the user's guide; the design, in short:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -360,6 +361,9 @@ class _DataParallelLoop(Trainer):
 
     rank: int
     ddp_model: DistributedDataParallel
+    # from ProjectTrainer, which this class is always mixed with (DistributedTrainer)
+    precision_autocast: Callable[[], contextlib.AbstractContextManager]
+    training_loss: Callable
 
     def fit(
         self,
@@ -384,7 +388,9 @@ class _DataParallelLoop(Trainer):
         )
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        if loss_func is not None:
+        # ProjectTrainer passes its training_loss (the model's loss in the configured
+        # precision); here that loss runs through DDP's forward instead.
+        if loss_func is not None and loss_func != self.training_loss:
             raise NotImplementedError("distributed training uses the model's calculate_loss")
         # The device loader cuts its own shares and puts each step's weight in the batch.
         shards_itself = getattr(train_data, "shards_steps", False)
@@ -393,7 +399,8 @@ class _DataParallelLoop(Trainer):
         )
 
         def weighted_loss(interaction):
-            losses = self.ddp_model(interaction)
+            with self.precision_autocast():
+                losses = self.ddp_model(interaction)
             weight = interaction[STEP_WEIGHT] if weights is None else next(weights)
             if isinstance(losses, tuple):
                 return tuple(loss * weight for loss in losses)

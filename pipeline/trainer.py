@@ -17,6 +17,7 @@ user-facing rules.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
@@ -233,17 +234,6 @@ def _to_tuple(value):
 # --- the trainer ------------------------------------------------------------------------
 
 
-def bf16_autocast(loss_func, device: torch.device):
-    """`loss_func` run under bfloat16 autocast (products and activations in bf16, the
-    optimizer's weights and the loss reduction in float32; no loss scaling needed)."""
-
-    def loss_in_bf16(interaction):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            return loss_func(interaction)
-
-    return loss_in_bf16
-
-
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; says which checkpoints are on disk and where to resume."""
 
@@ -369,12 +359,26 @@ class ProjectTrainer(Trainer):
             callback_fn=end_of_validated_epoch,
         )
 
+    def precision_autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast around a training step's loss when `precision: bf16` (products
+        and activations in bf16; weights, optimizer and loss reduction in float32, so no
+        loss scaling), else nothing."""
+        if self.config["precision"] == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def training_loss(self, interaction):
+        """One training step's loss: the model's, in the configured precision."""
+        with self.precision_autocast():
+            return self.model.calculate_loss(interaction)
+
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         start = time()
-        if self.config["precision"] == "bf16":
-            loss_func = bf16_autocast(loss_func or self.model.calculate_loss, self.device)
         loss = super()._train_epoch(
-            train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress
+            train_data,
+            epoch_idx,
+            loss_func=loss_func or self.training_loss,
+            show_progress=show_progress,
         )
         self.history.append(
             {"epoch": epoch_idx, "train_loss": _plain_loss(loss), "train_seconds": time() - start}

@@ -285,6 +285,25 @@ def test_the_device_loader_on_two_processes_trains_the_same_weights_as_one(tmp_p
     assert losses_two == pytest.approx(losses_one, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_bf16_precision_trains_on_two_processes(tmp_path):
+    """precision: bf16 under torchrun: the loss runs under bf16 autocast through DDP."""
+    from conftest import write_slice
+
+    from pipeline.data import BUNDLED
+
+    data = write_slice(tmp_path / "data", "ml-slice", BUNDLED["ml-100k"] / "ml-100k.inter", 12)
+    extra = ["--mode", json.dumps({"precision": "bf16"})]
+    launch(["--data", str(data), "--out", str(tmp_path / "two"), *extra], nproc=2)
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["world_size"] == 2
+        assert rank["autocast"] == ["torch.bfloat16"]
+    assert ranks[0]["result"]["test"] == ranks[1]["result"]["test"]
+    losses = [h["train_loss"] for h in state_of(ranks[0]["result"]["last_checkpoint"])["history"]]
+    assert len(losses) == 2 and all(0 < loss < float("inf") for loss in losses)
+
+
 # --- the worker (run by the tests above through torchrun) -------------------------------
 
 
@@ -299,6 +318,7 @@ def worker(argv: list[str]) -> None:
     import pipeline.trainer as trainer_module
     from pipeline import distributed
     from pipeline.runner import evaluate_checkpoint, train
+    from tim4rec import TiM4Rec
 
     saves: list[str] = []
     save = trainer_module.save_checkpoint
@@ -316,6 +336,15 @@ def worker(argv: list[str]) -> None:
         initial.update({k: v.detach().clone() for k, v in model.state_dict().items()})
 
     trainer_module.ProjectTrainer.__init__ = keep_initial
+    autocast_seen: set[str] = set()
+    calculate_loss = TiM4Rec.calculate_loss
+
+    def recording(self, interaction):  # the precision each training loss ran in
+        enabled = torch.is_autocast_enabled("cpu")
+        autocast_seen.add(str(torch.get_autocast_dtype("cpu")) if enabled else "off")
+        return calculate_loss(self, interaction)
+
+    TiM4Rec.calculate_loss = recording
     saved = args.out / "saved"
     result = train("TiM4Rec", [], {**run_overrides(args.data, str(saved)), **json.loads(args.mode)})
     out = {
@@ -323,6 +352,7 @@ def worker(argv: list[str]) -> None:
         "world_size": torch.distributed.get_world_size() if distributed.is_distributed() else 1,
         "result": result,
         "saves": saves,
+        "autocast": sorted(autocast_seen),
     }
     if distributed.is_main_process():
         # DistributedTrainer has broadcast rank 0's initial weights: these are every rank's.

@@ -274,13 +274,26 @@ def test_all_positions_training_learns_and_resumes_bit_for_bit(ml_tiny, tmp_path
     assert_identical(outcome(resumed), outcome(reference))
 
 
-def test_bf16_training_runs_and_scores(ml_tiny, tmp_path):
+@pytest.mark.parametrize("precision,autocast", [("bf16", torch.bfloat16), ("fp32", None)])
+def test_training_losses_run_in_the_configured_precision(
+    ml_tiny, tmp_path, monkeypatch, precision, autocast
+):
+    seen = set()
+    calculate_loss = TiM4Rec.calculate_loss
+
+    def recording(self, interaction):
+        enabled = torch.is_autocast_enabled("cpu")
+        seen.add(torch.get_autocast_dtype("cpu") if enabled else None)
+        return calculate_loss(self, interaction)
+
+    monkeypatch.setattr(TiM4Rec, "calculate_loss", recording)
     result = train(
         "TiM4Rec",
         [],
-        {**TINY_RUN, "epochs": 1, "precision": "bf16", "train_loader": "device",
+        {**TINY_RUN, "epochs": 1, "precision": precision, "train_loader": "device",
          "data_path": str(ml_tiny), "checkpoint_dir": str(tmp_path)},
     )  # fmt: skip
+    assert seen == {autocast}
     assert np.isfinite(result["test"]["ndcg@10"])
 
 
