@@ -154,11 +154,6 @@ class TiM4Rec(SequentialRecommender):
             if module.bias is not None:
                 module.bias.data.zero_()
 
-    @property
-    def is_causal(self) -> bool:
-        """Whether position i's output depends on positions 0..i only (all-positions training)."""
-        return not self.is_time or self.time_encoder.encoding == "causal"
-
     def encode(
         self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps: torch.Tensor | None
     ) -> torch.Tensor:

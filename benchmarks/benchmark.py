@@ -45,7 +45,7 @@ from benchmarks.synthetic import ML1M, ML1M_SMALL, SyntheticSpec, ensure_dataset
 from pipeline.config import REPO_ROOT, build_config, parse_value
 from pipeline.data import load_data
 from pipeline.registry import SSD_MODELS, get_model_class, model_names
-from pipeline.sequence_batches import DeviceTrainLoader
+from pipeline.sequence_batches import ALL_POSITIONS, make_train_loader
 from pipeline.trainer import ProjectTrainer
 from pipeline.validate import validate_config
 from ssd import triton_available
@@ -57,10 +57,7 @@ BACKENDS = ("torch", "triton")
 # Training modes of the SSD models (pipeline/sequence_batches.py) and the config they set:
 # "device": RecBole's samples, batches built on the GPU; "all": every position at once,
 # with TiM4Rec's causal time encoding.
-MODES = {
-    "device": {"train_loader": "device"},
-    "all": {"train_positions": "all", "time_encoding": "causal", "p2p_residual": True},
-}
+MODES = {"device": {"train_loader": "device"}, "all": ALL_POSITIONS}
 FIRST = ("TiM4Rec", "SSD4Rec", "SASRec", "Mamba4Rec")  # the models lead the table
 MOVIE_CONFIG = REPO_ROOT / "config" / "config4movie_64d.yaml"
 BEAUTY_CONFIG = REPO_ROOT / "config" / "config4beauty_64d.yaml"
@@ -506,9 +503,7 @@ class Benchmark:
         extra.update(MODES.get(variant.mode, {}))  # SSD4Rec ignores the time encoding keys
         model_class, config = self.config(variant.model, extra)
         dataset, train, valid, test = self.data(config)
-        if variant.mode:  # the same samples, batches built on the device
-            positions = config["train_positions"] or "last"
-            train = DeviceTrainLoader(config, train, positions, self.device)
+        train = make_train_loader(config, train, self.device)  # a mode's loader, else RecBole's
         init_seed(config["seed"], config["reproducibility"])
         with capture_logs() as messages:  # e.g. which Mamba mixer or SSD backend runs
             model = model_class(config, train.dataset).to(self.device)

@@ -39,6 +39,9 @@ from tim4rec import POSITION_INDEX
 
 TRAIN_LOADERS = ("recbole", "device")
 TRAIN_POSITIONS = ("last", "all")
+# The settings that train TiM4Rec on every position: the mode and the causal time path it
+# needs (SSD4Rec, without a time path, ignores the last two).
+ALL_POSITIONS = {"train_positions": "all", "time_encoding": "causal", "p2p_residual": True}
 CHECK_ROWS = 65536  # rows compared at a time when checking the rebuilt samples
 
 
@@ -260,15 +263,16 @@ class DeviceTrainLoader:
         return self._with_weight(data, weight)
 
 
-def make_train_loader(config, recbole_loader):
-    """The training loader the config asks for: RecBole's own, or DeviceTrainLoader."""
+def make_train_loader(config, recbole_loader, device: torch.device | None = None):
+    """The training loader the config asks for: RecBole's own, or DeviceTrainLoader (on
+    `device`, default the config's)."""
     positions = config["train_positions"] or "last"
     if config["train_loader"] != "device" and positions == "last":
         return recbole_loader
     from pipeline.config import ConfigError
 
     try:
-        return DeviceTrainLoader(config, recbole_loader, positions, config["device"])
+        return DeviceTrainLoader(config, recbole_loader, positions, device or config["device"])
     except SequenceStoreError as err:
         raise ConfigError(
             f"train_loader: device / train_positions: all cannot rebuild this dataset's "

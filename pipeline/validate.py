@@ -19,6 +19,7 @@ import recbole
 import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError
+from pipeline.registry import SSD_MODELS
 
 RECBOLE_PROPERTIES = Path(recbole.__file__).parent / "properties"
 # RecBole's yaml files of download links: their keys are dataset names, not settings.
@@ -193,35 +194,35 @@ def check_values(config) -> None:
             f"head_dim ({head_dim}) must divide expand * hidden_size ({expand} * {hidden} = "
             f"{expand * hidden}): the SSD splits its inner width into heads of head_dim"
         )
-    if value("time_encoding") is not None or value("ssd_backend") is not None:
-        from ssd import BACKENDS
-        from tim4rec import TIME_ENCODINGS
-
-        for key, choices in (("time_encoding", TIME_ENCODINGS), ("ssd_backend", BACKENDS)):
-            if value(key) is not None and value(key) not in choices:
-                raise ConfigError(
-                    f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
-                )
+    for key, choices in choice_keys().items():
+        if value(key) is not None and value(key) not in choices:
+            raise ConfigError(
+                f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
+            )
     check_training_mode(config, value)
 
 
 PRECISIONS = ("fp32", "bf16")
 
 
-def check_training_mode(config, value) -> None:
-    """train_loader, train_positions and precision: known values, and all-positions
-    training only where every position's output depends on earlier positions only."""
-    from pipeline.sequence_batches import TRAIN_LOADERS, TRAIN_POSITIONS
+def choice_keys() -> dict[str, tuple[str, ...]]:
+    """The project's keys that take one of a few names, and those names."""
+    from pipeline.sequence_batches import TRAIN_LOADERS, TRAIN_POSITIONS  # they import us
+    from ssd import BACKENDS
+    from tim4rec import TIME_ENCODINGS
 
-    for key, choices in (
-        ("train_loader", TRAIN_LOADERS),
-        ("train_positions", TRAIN_POSITIONS),
-        ("precision", PRECISIONS),
-    ):
-        if value(key) is not None and value(key) not in choices:
-            raise ConfigError(
-                f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
-            )
+    return {
+        "time_encoding": TIME_ENCODINGS,
+        "ssd_backend": BACKENDS,
+        "train_loader": TRAIN_LOADERS,
+        "train_positions": TRAIN_POSITIONS,
+        "precision": PRECISIONS,
+    }
+
+
+def check_training_mode(config, value) -> None:
+    """The device loader and all-positions training only where they apply: no RecBole
+    batch transform or negative sampling, and only causal models on every position."""
     uses_device_loader = value("train_loader") == "device" or value("train_positions") == "all"
     negatives = (value("train_neg_sample_args") or {}).get("distribution", "none")
     if uses_device_loader and value("transform"):
@@ -241,9 +242,10 @@ def check_training_mode(config, value) -> None:
         )
     if value("train_positions") != "all":
         return
-    if config["model"] not in ("TiM4Rec", "SSD4Rec"):
+    if config["model"] not in SSD_MODELS:
         raise ConfigError(
-            f"train_positions: all is implemented for TiM4Rec and SSD4Rec, not {config['model']}"
+            f"train_positions: all is implemented for {' and '.join(SSD_MODELS)}, "
+            f"not {config['model']}"
         )
     if config["model"] == "TiM4Rec" and value("is_time") and value("time_encoding") != "causal":
         raise ConfigError(

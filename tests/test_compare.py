@@ -73,7 +73,6 @@ def test_bad_command_fails_before_training_and_writes_nothing(argv, message, tmp
 
 def test_gpus_run_models_in_parallel_one_per_gpu_in_order(monkeypatch):
     import threading
-    import time
 
     running: dict[str, str] = {}
     lock = threading.Lock()

@@ -37,6 +37,7 @@ from pipeline.distributed import (  # noqa: E402
     share,
     step_weights,
 )
+from pipeline.sequence_batches import ALL_POSITIONS  # noqa: E402
 
 N_USERS = 40  # 6,236 training samples after the 5-core filter
 BATCH = 215  # 6,236 = 29 x 215 + 1: the last global batch holds one sample
@@ -254,9 +255,6 @@ def test_throughput_benchmark_runs_one_and_two_processes(tmp_path):
     assert two["processes"] == 2 and two["per_rank_batch"] == two["global_batch"] // 2
     assert two["nosync_step_ms"] > 0 and two["allreduce_ms"] > 0
     assert "where a step goes" in done.stdout
-
-
-ALL_POSITIONS = {"train_positions": "all", "time_encoding": "causal", "p2p_residual": True}
 
 
 @pytest.mark.slow

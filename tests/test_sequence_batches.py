@@ -58,14 +58,13 @@ def loaded(data_path, model_class=TiM4Rec, **overrides):
     return config, dataset, train_data
 
 
-def sample_key(inter, row: int, length: int | None = None, window_row: int | None = None):
+def sample_key(inter, row: int):
     """(user, history items, history times, target item, target time) of one sample."""
-    w = row if window_row is None else window_row
-    n = int(inter["item_length"][row]) if length is None else length
+    n = int(inter["item_length"][row])
     return (
-        int(inter["user_id"][w]),
-        tuple(inter["item_id_list"][w, :n].tolist()),
-        tuple(inter["timestamp_list"][w, :n].tolist()),
+        int(inter["user_id"][row]),
+        tuple(inter["item_id_list"][row, :n].tolist()),
+        tuple(inter["timestamp_list"][row, :n].tolist()),
         int(inter["item_id"][row]),
         float(inter["timestamp"][row]),
     )
