@@ -34,6 +34,7 @@ import torch
 from recbole.data.interaction import Interaction
 
 from pipeline import distributed
+from pipeline.config import ConfigError
 from pipeline.distributed import STEP_WEIGHT, share
 from tim4rec import POSITION_INDEX
 
@@ -232,7 +233,7 @@ class DeviceTrainLoader:
             data[STEP_WEIGHT] = torch.full((), weight, device=self.device)  # no host copy
         return Interaction(data)
 
-    def _samples(self, index: torch.Tensor, weight: float = 1.0) -> Interaction:
+    def _samples(self, index: torch.Tensor, weight: float) -> Interaction:
         store = self.store
         ends, lengths = self._ends[index], self._lengths[index]
         data = {store.uid_field: store.uids[index], store.length_field: lengths}
@@ -241,7 +242,7 @@ class DeviceTrainLoader:
             data[field + store.list_suffix] = store.histories(field, ends, lengths)
         return self._with_weight(data, weight)
 
-    def _windows(self, index: torch.Tensor, n_targets: int, weight: float = 1.0) -> Interaction:
+    def _windows(self, index: torch.Tensor, n_targets: int, weight: float) -> Interaction:
         store, window = self.store, self.window
         start, length = window["start"][index], window["length"][index]
         first = window["first"][index]
@@ -269,8 +270,6 @@ def make_train_loader(config, recbole_loader, device: torch.device | None = None
     positions = config["train_positions"] or "last"
     if config["train_loader"] != "device" and positions == "last":
         return recbole_loader
-    from pipeline.config import ConfigError
-
     try:
         return DeviceTrainLoader(config, recbole_loader, positions, device or config["device"])
     except SequenceStoreError as err:
