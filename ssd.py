@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import triton_autotune
 from models.layers import LowerTriangularLinear, PrefixLayerNorm
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 _logged_backends: set[tuple[str, str]] = set()
 _mamba_triton: tuple[Callable, Callable] | None | bool = False  # False: not tried yet
+_autotune_mode = "pinned"  # set_triton_autotune; applied when the kernels are imported
 
 
 def _import_mamba_triton() -> tuple[Callable, Callable] | None:
@@ -51,8 +53,8 @@ def _import_mamba_triton() -> tuple[Callable, Callable] | None:
     if _mamba_triton is not False:
         return _mamba_triton
     _mamba_triton = None
-    # Keep autotuning results on disk next to the compiled kernels (Triton's cache): only
-    # the first run on a machine pays the search (~90 s); later runs reuse its choice.
+    # Keep autotuning results on disk next to the compiled kernels (Triton's cache): a
+    # search runs once per machine (~90 s unpinned); later runs reuse its choice.
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         import triton  # noqa: F401
@@ -78,7 +80,22 @@ def _import_mamba_triton() -> tuple[Callable, Callable] | None:
         logger.warning("mamba-ssm found but its Triton kernels failed to import: %s", err)
         return None
     _mamba_triton = (mamba_chunk_scan_combined, rmsnorm_fn)
+    triton_autotune.configure(_autotune_mode)
     return _mamba_triton
+
+
+def set_triton_autotune(mode: str) -> None:
+    """'pinned' (default): mamba-ssm's SSD kernels try only the configurations measured best
+    at this project's shapes, so a run starts in seconds; 'search': their full autotuning.
+    Process-wide, as the kernels are."""
+    global _autotune_mode
+    if mode not in triton_autotune.AUTOTUNE_MODES:
+        raise ValueError(
+            f"triton_autotune must be one of {triton_autotune.AUTOTUNE_MODES}, got {mode!r}"
+        )
+    _autotune_mode = mode
+    if _mamba_triton:  # already imported: apply now
+        triton_autotune.configure(mode)
 
 
 def triton_available() -> bool:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
 from models.layers import FeedForward, PrefixLayerNorm
-from ssd import TiSSDBlock
+from ssd import TiSSDBlock, set_triton_autotune
 
 TIME_ENCODINGS = ("paper", "corrected", "causal")
 # Training batches of all-positions mode (pipeline/sequence_batches.py) carry this field:
@@ -103,6 +103,7 @@ class TiM4Rec(SequentialRecommender):
         if self.loss_type != "CE":
             raise ValueError(f"TiM4Rec trains with loss_type: CE, got {self.loss_type!r}")
         self.time_field = config["TIME_FIELD"] + config["LIST_SUFFIX"]
+        set_triton_autotune(config["triton_autotune"] or "pinned")  # process-wide
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
         self.emb_dropout = nn.Dropout(self.dropout_prob)

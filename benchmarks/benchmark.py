@@ -42,6 +42,7 @@ from recbole.utils import init_seed
 from benchmarks import floor as floor_model
 from benchmarks import measure, report
 from benchmarks.synthetic import ML1M, ML1M_SMALL, SyntheticSpec, ensure_dataset
+from models import triton_autotune
 from pipeline.config import REPO_ROOT, build_config, parse_value
 from pipeline.data import load_data
 from pipeline.registry import SSD_MODELS, get_model_class, model_names
@@ -57,7 +58,11 @@ BACKENDS = ("torch", "triton")
 # Training modes of the SSD models (pipeline/sequence_batches.py) and the config they set:
 # "device": RecBole's samples, batches built on the GPU; "all": every position at once,
 # with TiM4Rec's causal time encoding.
-MODES = {"device": {"train_loader": "device"}, "all": ALL_POSITIONS}
+MODES = {
+    "device": {"train_loader": "device"},
+    "all": ALL_POSITIONS,
+    "graph": {**ALL_POSITIONS, "train_cuda_graph": True},  # all positions, CUDA graphs
+}
 FIRST = ("TiM4Rec", "SSD4Rec", "SASRec", "Mamba4Rec")  # the issue's models lead the table
 MOVIE_CONFIG = REPO_ROOT / "config" / "config4movie_64d.yaml"
 BEAUTY_CONFIG = REPO_ROOT / "config" / "config4beauty_64d.yaml"
@@ -216,7 +221,7 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
 
     `TiM4Rec` expands to every available SSD backend x {fp32, bf16}; `SSD4Rec` to the best
     backend in fp32; other models to fp32. `Name:opt[:opt]` picks one row (opts:
-    torch/triton, fp32/bf16, and for the SSD models the training mode device/all).
+    torch/triton, fp32/bf16, and for the SSD models the training mode device/all/graph).
     `all` (the default on CUDA): every registered model, the issue's four first, TiM4Rec's
     all-positions rows and slower backend after them; `core` (the default on CPU): only
     TiM4Rec (with its all-positions rows), SSD4Rec, SASRec and Mamba4Rec.
@@ -249,14 +254,14 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
         if unknown:
             raise BenchmarkError(
                 f"--models {token!r}: unknown option {unknown[0]!r}; use torch/triton, "
-                "fp32/bf16, device/all"
+                "fp32/bf16, device/all/graph"
             )
         backend = next((o for o in options if o in BACKENDS), None)
         precision = next((o for o in options if o in PRECISIONS), None)
         mode = next((o for o in options if o in MODES), None)
         if mode and name not in SSD_MODELS:
             raise BenchmarkError(
-                f"--models {token!r}: the training modes device/all are for {', '.join(SSD_MODELS)}"
+                f"--models {token!r}: the training modes device/all/graph are for {', '.join(SSD_MODELS)}"
             )
         if backend and name not in BACKEND_KEYS:
             raise BenchmarkError(
@@ -364,6 +369,8 @@ class Benchmark:
     # -- outputs -----------------------------------------------------------------------
     def flush(self) -> None:
         self.result["meta"]["elapsed_s"] = time.perf_counter() - self.started
+        if self.device.type == "cuda":  # what mamba-ssm's autotuners picked (the PINNED source)
+            self.result["meta"]["triton_autotune_chosen"] = triton_autotune.chosen()
         report.write_json_atomic(self.out_dir / "benchmark.json", self.result)
         report.write_text_atomic(self.out_dir / "benchmark.md", report.markdown_table(self.result))
 
@@ -476,6 +483,7 @@ class Benchmark:
             return
         stages = (
             ("steps", self.measure_steps),
+            *((("profile", self.profile_steps),) if self.args.profile else ()),
             ("epoch", self.measure_epoch),
             ("eval", self.measure_eval),
             ("latency", self.measure_latency),
@@ -501,6 +509,8 @@ class Benchmark:
     def build(self, variant: Variant, row: dict) -> dict:
         extra = {BACKEND_KEYS[variant.model]: variant.backend} if variant.backend else {}
         extra.update(MODES.get(variant.mode, {}))  # SSD4Rec ignores the time encoding keys
+        if variant.mode == "graph":  # the graphed loss applies the config's precision itself
+            extra["precision"] = variant.precision
         model_class, config = self.config(variant.model, extra)
         dataset, train, valid, test = self.data(config)
         train = make_train_loader(config, train, self.device)  # a mode's loader, else RecBole's
@@ -517,9 +527,13 @@ class Benchmark:
         row["parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row["batch_size"] = int(config["train_batch_size"])
         row["seq_len"] = int(config["MAX_ITEM_LIST_LENGTH"])
-        if variant.model in SSD_MODELS and variant.mode != "all":  # the floor is per B x L step
+        if variant.model in SSD_MODELS:
+            # all positions: the floor of its own step, ~W windows of L scoring B targets
+            windows = (
+                round(len(train.window_targets) / len(train)) if variant.mode == "all" else None
+            )
             shape = floor_model.StepShape.from_config(
-                config, dataset.item_num, is_time=model.is_time
+                config, dataset.item_num, is_time=model.is_time, windows=windows
             )
             row["floor"] = floor_model.floor(
                 shape, variant.precision, self.peaks(),
@@ -531,11 +545,17 @@ class Benchmark:
     def amp(self, state: dict):
         return measure.autocast(self.device, state["variant"].precision)
 
-    def train_step(self, state: dict, batch) -> torch.Tensor:
-        model, optimizer = state["model"], state["trainer"].optimizer
-        optimizer.zero_grad()
+    def loss(self, state: dict, batch) -> torch.Tensor:
+        trainer = state["trainer"]
+        if trainer.graphed_loss is not None:  # graphed: its own precision, no outer autocast
+            return trainer.training_loss(batch)
         with self.amp(state):
-            loss = model.calculate_loss(batch)
+            return state["model"].calculate_loss(batch)
+
+    def train_step(self, state: dict, batch) -> torch.Tensor:
+        optimizer = state["trainer"].optimizer
+        optimizer.zero_grad()
+        loss = self.loss(state, batch)
         loss.backward()
         optimizer.step()
         return loss
@@ -556,7 +576,7 @@ class Benchmark:
             first.append(seconds)
         # The epoch's last, smaller batch has its own kernel specialisations: compile them now.
         n_last = len(state["train"].dataset) % row["batch_size"]
-        if state["variant"].mode == "all":  # steps already vary in size: no tail shape
+        if state["variant"].mode in ("all", "graph"):  # steps vary in size: no tail shape
             n_last = 0
         tail_s = None
         if n_last:
@@ -594,6 +614,39 @@ class Benchmark:
         self.update_first_epoch(row)
         self.log(f"{state['variant'].label}: {row['step_ms']:.2f} ms/step, first steps {first}")
 
+    def profile_steps(self, state: dict, row: dict, steps: int = 5) -> None:
+        """Where a warm step's time goes: the host's time to issue it (no sync) against the
+        GPU's busy time (kernels, copies), and the kernel table (profile-<row>.txt)."""
+        device = self.device
+        batches = [b.to(device) for b in measure.FirstBatches(state["train"], steps)]
+        issue = []
+        for batch in batches:
+            measure.sync(device)
+            start = time.perf_counter()
+            self.train_step(state, batch)  # returns once queued, unless something syncs
+            issue.append(time.perf_counter() - start)
+        measure.sync(device)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for batch in batches:
+                self.train_step(state, batch)
+            measure.sync(device)
+        events = prof.key_averages()
+        on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        row["profile"] = {
+            "host_issue_ms": 1e3 * statistics.median(issue),
+            "gpu_busy_ms": sum(e.self_device_time_total for e in on_device) / 1e3 / steps,
+            "gpu_ops_per_step": sum(e.count for e in on_device) / steps,
+        }
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        name = state["variant"].label.replace(":", "-")
+        report.write_text_atomic(
+            self.out_dir / f"profile-{name}.txt", events.table(sort_by=sort, row_limit=40)
+        )
+        self.log(f"{state['variant'].label}: profile {row['profile']}")
+
     def measure_epoch(self, state: dict, row: dict) -> None:
         """A warm epoch through ProjectTrainer._train_epoch: RecBole's loader, .to(device),
         forward, backward, Adam, its loss.item() and NaN check, as in a real run."""
@@ -607,8 +660,7 @@ class Benchmark:
         loader = train if not cap or cap >= n_batches else measure.FirstBatches(train, cap)
 
         def loss_func(interaction):  # the trainer's autocast is off; ours picks bf16 or not
-            with self.amp(state):
-                return state["model"].calculate_loss(interaction)
+            return self.loss(state, interaction)
 
         seconds = []
         for epoch in range(self.args.repeat):
@@ -726,6 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds; past it, remaining rows are skipped and warm epochs capped "
                         "(default 420 on cuda, 600 on cpu; 0: none)")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile 5 warm steps per row: host issue time, GPU busy time, "
+                        "kernel table in profile-<row>.txt")  # fmt: skip
     parser.add_argument("--set", type=parse_set, action="append", metavar="KEY=VALUE",
                         help="config override for every model, e.g. --set reproducibility=False")  # fmt: skip
     return parser

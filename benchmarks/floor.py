@@ -53,6 +53,12 @@ class StepShape:
     ffn_mult: int = 4  # FFN width 4d
     is_time: bool = True
     p2p_residual: bool = False
+    targets: int | None = None  # positions scored against all items; None: one per sequence
+
+    @property
+    def scored(self) -> int:
+        """Positions whose hidden state is scored (all-positions training: its targets)."""
+        return self.batch if self.targets is None else self.targets
 
     @property
     def d_inner(self) -> int:
@@ -63,10 +69,19 @@ class StepShape:
         return self.d_inner // self.head_dim
 
     @classmethod
-    def from_config(cls, config, n_items: int, is_time: bool | None = None) -> StepShape:
-        """The shape of a built RecBole config (TiM4Rec's or SSD4Rec's keys)."""
+    def from_config(
+        cls,
+        config,
+        n_items: int,
+        is_time: bool | None = None,
+        windows: int | None = None,
+    ) -> StepShape:
+        """The shape of a built RecBole config (TiM4Rec's or SSD4Rec's keys); `windows`:
+        sequences per all-positions step, each scoring several of its train_batch_size
+        targets."""
         return cls(
-            batch=int(config["train_batch_size"]),
+            batch=int(config["train_batch_size"]) if windows is None else windows,
+            targets=None if windows is None else int(config["train_batch_size"]),
             seq_len=int(config["MAX_ITEM_LIST_LENGTH"]),
             n_items=int(n_items),
             hidden=int(config["hidden_size"]),
@@ -125,7 +140,7 @@ def forward_flops(s: StepShape) -> dict[str, float]:
         per_layer["time_gate"] = 2 * B * H * L * (L if s.p2p_residual else 1)
         per_layer["time_conv"] = 2 * 2 * B * H * L * K
     flops = {name: float(value * s.num_layers) for name, value in per_layer.items()}
-    flops["scoring"] = float(2 * B * d * s.n_items)  # last position . all items
+    flops["scoring"] = float(2 * s.scored * d * s.n_items)  # scored positions . all items
     return flops
 
 
@@ -139,14 +154,14 @@ def training_bytes(s: StepShape, activation_bytes: int = 4) -> dict[str, float]:
     B, L, d, H, V = s.batch, s.seq_len, s.hidden, s.nheads, s.n_items
     params = parameter_count(s)
     boundary = B * L * d * s.num_layers  # embedding output + outputs of all but the last layer
-    boundary += B * d  # the last layer's output, only at the gathered position
+    boundary += s.scored * d  # the last layer's output, only at the scored positions
     if s.is_time:
         boundary += B * L + (s.num_layers - 1) * B * H * L  # encoder output, T' between layers
     return {
         "parameters_and_adam": float(params * 4 * ADAM_ACCESSES),
-        "batch": float(B * L * (8 + (4 if s.is_time else 0)) + 2 * B * 8),
+        "batch": float(B * L * (8 + (4 if s.is_time else 0)) + 2 * s.scored * 8),
         "layer_boundaries": float(4 * boundary * activation_bytes),  # fwd w/r, grad w/r
-        "logits": float(2 * B * V * activation_bytes),
+        "logits": float(2 * s.scored * V * activation_bytes),
     }
 
 

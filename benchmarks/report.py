@@ -122,7 +122,8 @@ STAGE_COLUMNS = {"steps": 3, "epoch": 5, "eval": 8, "latency": 9}  # stage -> it
 
 def row_cells(row: dict, repeat: int) -> list[str]:
     """One table row; a failed or skipped variant says why in its first free cell."""
-    mode = {"device": " (device loader)", "all": " (all positions)"}.get(row.get("mode") or "", "")
+    mode = {"device": " (device loader)", "all": " (all positions)",
+            "graph": " (all positions, CUDA graphs)"}.get(row.get("mode") or "", "")  # fmt: skip
     cells = [row["model"] + mode, row.get("backend") or "-", row["precision"]]
     step = row.get("step_ms")
     spread = row.get("step_ms_spread")

@@ -40,13 +40,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from recbole.evaluator import Collector, Evaluator
-from recbole.trainer import Trainer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
-from pipeline.trainer import ProjectTrainer, new_run_id
+from pipeline.trainer import ProjectTrainer, SyncFreeTrainer, new_run_id
 
 # RecBole's own multi-process keys: they start its NCCL-over-TCP path inside Config().
 RECBOLE_DDP_KEYS = ("local_rank", "nproc", "world_size", "offset", "ip", "port")
@@ -354,10 +353,10 @@ class _NoTensorboard:
         return lambda *args, **kwargs: None
 
 
-class _DataParallelLoop(Trainer):
-    """RecBole's training loop over this rank's share of each global batch, the gradient
-    averaged by DDP. Sits between ProjectTrainer and RecBole's Trainer in the MRO, so that
-    ProjectTrainer's history and checkpoints see the all-rank loss."""
+class _DataParallelLoop(SyncFreeTrainer):
+    """The training loop (SyncFreeTrainer's) over this rank's share of each global batch,
+    the gradient averaged by DDP. Sits between ProjectTrainer and SyncFreeTrainer in the
+    MRO, so that ProjectTrainer's history and checkpoints see the all-rank loss."""
 
     rank: int
     ddp_model: DistributedDataParallel

@@ -44,6 +44,8 @@ TRAIN_POSITIONS = ("last", "all")
 # needs (SSD4Rec, without a time path, ignores the last two).
 ALL_POSITIONS = {"train_positions": "all", "time_encoding": "causal", "p2p_residual": True}
 CHECK_ROWS = 65536  # rows compared at a time when checking the rebuilt samples
+WINDOW_MULTIPLE = 128  # pad_batches: windows per step rounded up to a multiple of this
+IGNORED_LABEL = -100  # target of a padding row: CrossEntropyLoss's default ignore_index
 
 
 class SequenceStoreError(ValueError):
@@ -159,7 +161,14 @@ class DeviceTrainLoader:
 
     shards_steps = True
 
-    def __init__(self, config, recbole_loader, positions: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        config,
+        recbole_loader,
+        positions: str,
+        device: torch.device,
+        pad_batches: bool = False,
+    ) -> None:
         if positions not in TRAIN_POSITIONS:
             raise ValueError(f"train_positions must be one of {TRAIN_POSITIONS}, got {positions!r}")
         self.dataset = recbole_loader.dataset
@@ -167,6 +176,10 @@ class DeviceTrainLoader:
         self.batch_size = int(config["train_batch_size"])
         self.device = torch.device(device)
         self.shuffle = True
+        # Fixed shapes for CUDA graphs (pipeline/cuda_graphs.py): every `last` batch holds
+        # batch_size rows; an `all` step WINDOW_MULTIPLE-rounded windows and batch_size + L - 1
+        # targets (its most). Padding rows have label IGNORED_LABEL: the loss skips them.
+        self.pad_batches = pad_batches
         distributed_run = distributed.is_distributed()
         self.rank = torch.distributed.get_rank() if distributed_run else 0
         self.world_size = torch.distributed.get_world_size() if distributed_run else 1
@@ -240,6 +253,8 @@ class DeviceTrainLoader:
         for field in store.fields:
             data[field] = store.flat[field][ends]
             data[field + store.list_suffix] = store.histories(field, ends, lengths)
+        if self.pad_batches:
+            data = {k: _pad(v, self.batch_size, self._fill(k)) for k, v in data.items()}
         return self._with_weight(data, weight)
 
     def _windows(self, index: torch.Tensor, n_targets: int, weight: float) -> Interaction:
@@ -261,7 +276,29 @@ class DeviceTrainLoader:
         for field in store.fields:
             data[field] = store.flat[field][start[row] + position + 1]
             data[field + store.list_suffix] = store.histories(field, ends, length)
+        if self.pad_batches:
+            windows = -(-len(index) // WINDOW_MULTIPLE) * WINDOW_MULTIPLE
+            targets = max(n_targets, self.batch_size + store.max_length - 1)
+            per_target = {POSITION_INDEX, *store.fields}
+            data = {
+                k: _pad(v, targets if k in per_target else windows, self._fill(k))
+                for k, v in data.items()
+            }
         return self._with_weight(data, weight)
+
+    def _fill(self, field: str) -> int:
+        """Value of `field` in padding rows: no label, a history of one (padding) item."""
+        if field == self.dataset.iid_field:
+            return IGNORED_LABEL
+        return 1 if field == self.store.length_field else 0
+
+
+def _pad(values: torch.Tensor, rows: int, fill: int) -> torch.Tensor:
+    """`values` with rows appended up to `rows`, filled with `fill`."""
+    if len(values) >= rows:
+        return values
+    padding = values.new_full((rows - len(values),) + tuple(values.shape[1:]), fill)
+    return torch.cat([values, padding])
 
 
 def make_train_loader(config, recbole_loader, device: torch.device | None = None):
@@ -271,7 +308,13 @@ def make_train_loader(config, recbole_loader, device: torch.device | None = None
     if config["train_loader"] != "device" and positions == "last":
         return recbole_loader
     try:
-        return DeviceTrainLoader(config, recbole_loader, positions, device or config["device"])
+        return DeviceTrainLoader(
+            config,
+            recbole_loader,
+            positions,
+            device or config["device"],
+            pad_batches=bool(config["train_cuda_graph"]),
+        )
     except SequenceStoreError as err:
         raise ConfigError(
             f"train_loader: device / train_positions: all cannot rebuild this dataset's "

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import yaml
 from recbole.trainer import Trainer
-from recbole.utils import get_local_time, set_color
+from recbole.utils import get_gpu_usage, get_local_time, set_color
+from torch.nn.utils import clip_grad_norm_
+from tqdm import tqdm
 
 from pipeline.checkpoint import (
     CheckpointError,
@@ -40,8 +42,10 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import model_defaults
+from pipeline.cuda_graphs import GraphedTrainingLoss
 
 LAST_SUFFIX = "-last"
+NAN_CHECK_STEPS = 50  # training steps between the host syncs of the NaN check
 RECBOLE_MODEL_CONFIG_DIR = (
     Path(importlib.util.find_spec("recbole").origin).parent / "properties" / "model"
 )
@@ -244,7 +248,60 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.last_epoch = last_epoch
 
 
-class ProjectTrainer(Trainer):
+class SyncFreeTrainer(Trainer):
+    """RecBole's Trainer whose training epoch does not wait for the GPU at every step.
+
+    The base of ProjectTrainer and of the data-parallel loop (pipeline/distributed.py),
+    below both in the method order, as RecBole's own `_train_epoch` was.
+    """
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        """RecBole's training epoch (the same steps, the same returned sum of batch losses)
+        without its two host syncs per step: RecBole reads each loss (`.item()`) and checks
+        it for NaN before the backward pass, so the GPU waits while the host queues every
+        backward. Here the losses are summed on the device and checked for NaN every
+        NAN_CHECK_STEPS steps and at the end of the epoch."""
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        steps = (
+            tqdm(train_data, total=len(train_data), ncols=100,
+                 desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+            if show_progress
+            else train_data
+        )  # fmt: skip
+        if not self.config["single_spec"] and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.enable_scaler)
+        total = losses = None
+        for step, interaction in enumerate(steps, start=1):
+            interaction = interaction.to(self.device)
+            self.optimizer.zero_grad()
+            sync_loss = 0
+            if not self.config["single_spec"]:
+                self.set_reduce_hook()
+                sync_loss = self.sync_grad_loss()
+            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+                losses = loss_func(interaction)
+            parts = losses if isinstance(losses, tuple) else (losses,)
+            values = torch.stack([part.detach().double() for part in parts])
+            total = values if total is None else total + values
+            if step % NAN_CHECK_STEPS == 0:
+                self._check_nan(total.sum())
+            scaler.scale(sum(parts) + sync_loss).backward()
+            if self.clip_grad_norm:
+                clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+            scaler.step(self.optimizer)
+            scaler.update()
+            if self.gpu_available and show_progress:
+                steps.set_postfix_str(set_color("GPU RAM: " + get_gpu_usage(self.device), "yellow"))
+        if total is None:
+            return None
+        self._check_nan(total.sum())
+        sums = total.tolist()
+        return tuple(sums) if isinstance(losses, tuple) else sums[0]
+
+
+class ProjectTrainer(SyncFreeTrainer):
     """RecBole's Trainer writing `<run>.pth` (best) and `<run>-last.pth` (every epoch)."""
 
     def __init__(self, config, model, dataset) -> None:
@@ -266,6 +323,11 @@ class ProjectTrainer(Trainer):
         self._loaders: dict = {}
         self._pending_rng: dict | None = None  # restored when fit() has the dataloaders
         self._latest_valid_result = None
+        self.graphed_loss = (
+            GraphedTrainingLoss(model, config["precision"] or "fp32")
+            if config["train_cuda_graph"]
+            else None
+        )
 
     def _use_run_name(self, folder: Path, run_name: str) -> None:
         self.run_name = run_name
@@ -368,7 +430,10 @@ class ProjectTrainer(Trainer):
         return contextlib.nullcontext()
 
     def training_loss(self, interaction):
-        """One training step's loss: the model's, in the configured precision."""
+        """One training step's loss: the model's, in the configured precision (replayed from
+        a CUDA graph with `train_cuda_graph`)."""
+        if self.graphed_loss is not None:
+            return self.graphed_loss(interaction)
         with self.precision_autocast():
             return self.model.calculate_loss(interaction)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from pathlib import Path
 
 import recbole
+import torch
 import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError
@@ -63,6 +65,7 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "is_time": (bool,),
     "time_encoding": (str,),
     "ssd_backend": (str,),
+    "triton_autotune": (str,),
     "MAX_ITEM_LIST_LENGTH": (int,),
     "train_batch_size": (int,),
     "eval_batch_size": (int,),
@@ -77,6 +80,7 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "train_loader": (str,),
     "train_positions": (str,),
     "precision": (str,),
+    "train_cuda_graph": (bool,),
 }
 POSITIVE_KEYS = (
     "hidden_size",
@@ -207,6 +211,7 @@ PRECISIONS = ("fp32", "bf16")
 
 def choice_keys() -> dict[str, tuple[str, ...]]:
     """The project's keys that take one of a few names, and those names."""
+    from models.triton_autotune import AUTOTUNE_MODES
     from pipeline.sequence_batches import TRAIN_LOADERS, TRAIN_POSITIONS  # they import us
     from ssd import BACKENDS
     from tim4rec import TIME_ENCODINGS
@@ -214,6 +219,7 @@ def choice_keys() -> dict[str, tuple[str, ...]]:
     return {
         "time_encoding": TIME_ENCODINGS,
         "ssd_backend": BACKENDS,
+        "triton_autotune": AUTOTUNE_MODES,
         "train_loader": TRAIN_LOADERS,
         "train_positions": TRAIN_POSITIONS,
         "precision": PRECISIONS,
@@ -240,6 +246,8 @@ def check_training_mode(config, value) -> None:
             "time_encoding: causal needs p2p_residual: True (the per-head gate reads the "
             "whole sequence)"
         )
+    if value("train_cuda_graph"):
+        check_cuda_graph(config, value, uses_device_loader)
     if value("train_positions") != "all":
         return
     if config["model"] not in SSD_MODELS:
@@ -252,6 +260,26 @@ def check_training_mode(config, value) -> None:
             "train_positions: all needs a causal model: TiM4Rec's time path with "
             f"time_encoding: {value('time_encoding')} mixes all positions. Set "
             "--time_encoding=causal (with p2p_residual: True), or train_positions: last"
+        )
+
+
+def check_cuda_graph(config, value, uses_device_loader: bool) -> None:
+    """train_cuda_graph: the device loader's padded batches, an SSD model, one CUDA device."""
+    if config["model"] not in SSD_MODELS:
+        raise ConfigError(
+            f"train_cuda_graph is implemented for {' and '.join(SSD_MODELS)}, not "
+            f"{config['model']}; set train_cuda_graph: False"
+        )
+    if not uses_device_loader:
+        raise ConfigError(
+            "train_cuda_graph needs batches of fixed shapes: set train_loader: device "
+            "(or train_positions: all)"
+        )
+    if torch.device(value("device") or "cpu").type != "cuda":
+        raise ConfigError("train_cuda_graph needs a CUDA device; set train_cuda_graph: False")
+    if int(value("world_size") or 1) > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ConfigError(
+            "train_cuda_graph runs on one process only; set train_cuda_graph: False under torchrun"
         )
 
 

@@ -17,6 +17,8 @@ from benchmarks.synthetic import ML1M, SyntheticSpec, describe, ensure_dataset, 
 from pipeline.config import build_config
 from pipeline.data import load_data
 from pipeline.registry import get_model_class
+from pipeline.sequence_batches import ALL_POSITIONS, make_train_loader
+from tim4rec import POSITION_INDEX
 
 TINY = SyntheticSpec("bench-tiny", n_users=30, n_items=90, n_interactions=1200, max_length=80)
 
@@ -125,6 +127,24 @@ def test_floor_counts_match_the_model(tiny_data, name, overrides):
     assert analytic == pytest.approx(measured, rel=0.03)
 
 
+def test_all_positions_floor_counts_match_the_model(tiny_data):
+    config, dataset, train, model = _model(
+        "TiM4Rec", tiny_data, train_batch_size=64, **ALL_POSITIONS
+    )
+    batch = next(iter(make_train_loader(config, train, torch.device("cpu"))))
+    windows, targets = len(batch[model.ITEM_SEQ]), len(batch[POSITION_INDEX])
+    assert windows < targets  # several targets per window
+    shape = dataclasses.replace(
+        floor.StepShape.from_config(config, dataset.item_num, windows=windows), targets=targets
+    )
+    with FlopCounterMode(display=False) as counter:
+        model.calculate_loss(batch).backward()
+    by_name = {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+    measured = sum(n for op, n in by_name.items() if op != "convolution_backward")
+    measured += 2 * by_name.get("convolution", 0)
+    assert floor.training_flops(shape) == pytest.approx(measured, rel=0.03)
+
+
 def test_floor_is_positive_and_scales_with_batch():
     shape = floor.StepShape(batch=2048, seq_len=200, n_items=3417)
     h100 = floor.device_peaks("NVIDIA H100 80GB HBM3")
@@ -193,7 +213,7 @@ def test_models_option():
         "SSD4Rec:torch:fp32:device",
     ]
     for text, message in [
-        ("SASRec:all", "training modes device/all are for"),
+        ("SASRec:all", "training modes device/all/graph are for"),
         ("Nope", "unknown model"),
         ("TiM4Rec:triton", "not available on cpu"),
         ("SASRec:torch", "torch/triton backends"),
@@ -284,7 +304,9 @@ def test_training_mode_rows_run_on_the_device_loader(tmp_path, monkeypatch):
     assert code == 0
     assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
     all_positions, device = result["rows"]
-    assert all_positions["mode"] == "all" and "floor" not in all_positions  # not a B x L step
+    assert all_positions["mode"] == "all"
+    shape = all_positions["floor"]["shape"]  # its own step: fewer windows, B targets scored
+    assert shape["targets"] == 32 and 0 < shape["batch"] < 32
     assert all_positions["step_ms"] > 0 and all_positions["epoch_s"] > 0
     assert device["floor"]["training_flops"] > 0
     assert "| TiM4Rec (all positions) | torch | fp32 |" in table

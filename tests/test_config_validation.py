@@ -149,6 +149,10 @@ def test_keys_of_recbole_and_other_models_are_known():
         ({"dropout_prob": 1.5}, "dropout_prob is a dropout probability in [0, 1), got 1.5"),
         ({"hidden_size": 0}, "config key hidden_size must be positive, got 0"),
         (
+            {"triton_autotune": "off"},
+            "config key triton_autotune must be one of pinned, search, got 'off'",
+        ),
+        (
             {"time_encoding": "log"},
             "time_encoding must be one of paper, corrected, causal, got 'log'",
         ),

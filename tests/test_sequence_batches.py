@@ -20,6 +20,7 @@ from models.layers import LowerTriangularLinear, PrefixLayerNorm
 from pipeline.config import ConfigError, build_config
 from pipeline.runner import evaluate_checkpoint, train
 from pipeline.sequence_batches import (
+    WINDOW_MULTIPLE,
     DeviceTrainLoader,
     SequenceStore,
     SequenceStoreError,
@@ -212,9 +213,46 @@ def test_make_train_loader_turns_a_store_error_into_a_config_error(ml100k_slice,
         make_train_loader(config, train_data)
 
 
+def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_padded_batches_have_fixed_shapes_and_the_same_loss_and_gradients(ml100k_slice, positions):
+    """pad_batches (for CUDA graphs): few shapes, and padding rows change nothing."""
+    config, _, train_data = loaded(ml100k_slice, TiM4Rec, **CAUSAL)
+    torch.manual_seed(0)
+    model = TiM4Rec(config, train_data.dataset)
+    plain = DeviceTrainLoader(config, train_data, positions, torch.device("cpu"))
+    padded = DeviceTrainLoader(config, train_data, positions, torch.device("cpu"), pad_batches=True)
+    shapes = set()
+    for batch, padded_batch in zip(plain, padded):  # same generator seed: the same steps
+        shapes.add(tuple((k, tuple(v.shape)) for k, v in sorted(padded_batch.interaction.items())))
+        if positions == "all":
+            assert len(padded_batch["item_id_list"]) % WINDOW_MULTIPLE == 0
+            assert len(padded_batch[POSITION_INDEX]) == 64 + L - 1  # batch size + L - 1
+        else:
+            assert len(padded_batch["item_id"]) == 64
+        loss, grads = loss_and_grads(model, batch)
+        padded_loss, padded_grads = loss_and_grads(model, padded_batch)
+        torch.testing.assert_close(padded_loss, loss, rtol=1e-6, atol=1e-7)
+        assert padded_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(padded_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert len(shapes) == 1  # the ml-100k slice: under 128 windows per step, every step alike
+
+
 @pytest.mark.parametrize(
     "model,overrides,message",
     [
+        ("TiM4Rec", {"train_cuda_graph": True}, "needs batches of fixed shapes"),
+        ("SASRec", {"train_cuda_graph": True}, "train_cuda_graph is implemented for TiM4Rec"),
+        ("TiM4Rec", {"train_cuda_graph": "yes"}, "train_cuda_graph must be bool"),
         ("TiM4Rec", {"train_positions": "all"}, "needs a causal model.*time_encoding: paper"),
         ("TiM4Rec", {"time_encoding": "causal"}, "causal needs p2p_residual: True"),
         ("SASRec", {"train_positions": "all"}, "implemented for TiM4Rec and SSD4Rec, not SASRec"),
@@ -316,6 +354,71 @@ def test_on_cuda_batches_are_recbole_samples_and_all_positions_loss_matches(
             loss = model.calculate_loss(batch)
             prefix_loss = model.calculate_loss(expand_windows(batch.to("cpu")).to(cuda))
         torch.testing.assert_close(loss, prefix_loss, rtol=2e-3, atol=2e-3)
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    overrides = {"dataset": "ml-100k", "train_cuda_graph": True, "train_loader": "device"}
+    config = build_config(TiM4Rec, [], {**overrides, "use_gpu": False})
+    with pytest.raises(ConfigError, match="train_cuda_graph needs a CUDA device"):
+        validate_config(config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_graphed_training_steps_match_eager_ones(ml100k_slice, positions, precision):
+    """Forward and backward replayed from CUDA graphs: the eager step's loss and gradients
+    (no dropout), over several steps of different shapes, with optimizer steps between."""
+    from pipeline.cuda_graphs import GraphedTrainingLoss
+
+    cuda = torch.device("cuda")
+    config, _, train_data = loaded(ml100k_slice, TiM4Rec, **CAUSAL, train_batch_size=32)
+    torch.manual_seed(0)
+    graphed_model = TiM4Rec(config, train_data.dataset).to(cuda).train()
+    eager_model = TiM4Rec(config, train_data.dataset).to(cuda).train()
+    eager_model.load_state_dict(graphed_model.state_dict())
+    graphed = GraphedTrainingLoss(graphed_model, precision)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (graphed_model, eager_model)]
+    loader = DeviceTrainLoader(config, train_data, positions, cuda, pad_batches=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    tolerance = dict(rtol=2e-2, atol=2e-3) if precision == "bf16" else dict(rtol=1e-4, atol=1e-5)
+    for step, batch in zip(range(6), loader):
+        losses, grads = [], []
+        for model, optimizer, loss_of in (
+            (graphed_model, optimizers[0], graphed),
+            (eager_model, optimizers[1], None),
+        ):
+            optimizer.zero_grad()
+            if loss_of is None:
+                with autocast:
+                    loss = model.calculate_loss(batch)
+            else:
+                loss = loss_of(batch)
+            loss.backward()
+            losses.append(loss.detach().float())
+            grads.append(
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
+            optimizer.step()
+        torch.testing.assert_close(losses[0], losses[1], **tolerance)
+        for name, grad in grads[1].items():
+            torch.testing.assert_close(grads[0][name], grad, **tolerance, msg=f"step {step} {name}")
+    assert 1 <= len(graphed.graphs) <= 3
+    print(f"\n[gpu] {positions} {precision}: {len(graphed.graphs)} graph(s), losses match")
+
+
+@pytest.mark.gpu
+def test_training_with_cuda_graphs_learns(ml_tiny, tmp_path):
+    result = train(
+        "TiM4Rec",
+        [],
+        {**ALL_POSITIONS, "data_path": str(ml_tiny), "checkpoint_dir": str(tmp_path),
+         "train_cuda_graph": True, "use_gpu": True},
+    )  # fmt: skip
+    history = torch.load(result["last_checkpoint"], weights_only=True)["history"]
+    losses = [h["train_loss"] for h in history]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert result["test"]["ndcg@10"] > 0
 
 
 @pytest.mark.parametrize("model", ["SASRec", "GRU4Rec", "Caser", "Mamba4Rec", "TiSASRec", "LRURec"])
