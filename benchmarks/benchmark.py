@@ -530,7 +530,9 @@ class Benchmark:
         if variant.model in SSD_MODELS:
             # all positions: the floor of its own step, ~W windows of L scoring B targets
             windows = (
-                round(len(train.window_targets) / len(train)) if variant.mode == "all" else None
+                round(len(train.window_targets) / len(train))
+                if variant.mode in ("all", "graph")
+                else None
             )
             shape = floor_model.StepShape.from_config(
                 config, dataset.item_num, is_time=model.is_time, windows=windows

@@ -61,6 +61,7 @@ VARIANTS = {
     "all": ALL_POSITIONS,
     "device": {"train_loader": "device"},
     "bf16": {"precision": "bf16"},
+    "graph": {"train_cuda_graph": True},  # with all or device: steps replayed as CUDA graphs
 }
 
 
