@@ -275,12 +275,12 @@ def check_cuda_graph(config, value, uses_device_loader: bool) -> None:
             "train_cuda_graph needs batches of fixed shapes: set train_loader: device "
             "(or train_positions: all)"
         )
-    if torch.device(value("device") or "cpu").type != "cuda":
-        raise ConfigError("train_cuda_graph needs a CUDA device; set train_cuda_graph: False")
-    if int(value("world_size") or 1) > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+    if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ConfigError(
             "train_cuda_graph runs on one process only; set train_cuda_graph: False under torchrun"
         )
+    if torch.device(value("device") or "cpu").type != "cuda":
+        raise ConfigError("train_cuda_graph needs a CUDA device; set train_cuda_graph: False")
 
 
 def validate_config(config) -> None:

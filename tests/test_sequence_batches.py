@@ -356,10 +356,13 @@ def test_on_cuda_batches_are_recbole_samples_and_all_positions_loss_matches(
         torch.testing.assert_close(loss, prefix_loss, rtol=2e-3, atol=2e-3)
 
 
-def test_cuda_graphs_need_a_cuda_device():
+def test_cuda_graphs_need_one_cuda_process(monkeypatch):
     overrides = {"dataset": "ml-100k", "train_cuda_graph": True, "train_loader": "device"}
     config = build_config(TiM4Rec, [], {**overrides, "use_gpu": False})
     with pytest.raises(ConfigError, match="train_cuda_graph needs a CUDA device"):
+        validate_config(config)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="runs on one process only"):
         validate_config(config)
 
 
