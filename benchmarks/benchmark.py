@@ -45,6 +45,7 @@ from benchmarks.synthetic import ML1M, ML1M_SMALL, SyntheticSpec, ensure_dataset
 from models import triton_autotune
 from pipeline.config import REPO_ROOT, build_config, parse_value
 from pipeline.data import load_data
+from pipeline.precision import PRECISIONS
 from pipeline.registry import SSD_MODELS, get_model_class, model_names
 from pipeline.sequence_batches import ALL_POSITIONS, make_train_loader
 from pipeline.trainer import ProjectTrainer
@@ -53,7 +54,6 @@ from ssd import triton_available
 
 # models with a torch/triton choice, and the config key that makes it
 BACKEND_KEYS = {"TiM4Rec": "ssd_backend", "SSD4Rec": "ssd_backend", "Mamba4Rec": "mamba_backend"}
-PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "triton")
 # Training modes of the SSD models (pipeline/sequence_batches.py) and the config they set:
 # "device": RecBole's samples, batches built on the GPU; "all": every position at once,

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from pipeline.precision import autocast as precision_autocast
+
 
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU)."""
@@ -85,12 +87,8 @@ def relative_spread(values: list[float]) -> float | None:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast for precision "bf16", nothing for "fp32"."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    return contextlib.nullcontext()
+    """bfloat16 autocast for precision "bf16", nothing for "fp32" (as in training)."""
+    return precision_autocast(device.type, precision)
 
 
 class FirstBatches:

@@ -23,6 +23,8 @@ import torch
 from recbole.data.interaction import Interaction
 from torch import nn
 
+from pipeline.precision import autocast
+
 
 class _LossOfTensors(nn.Module):
     """model.calculate_loss as a function of the batch's tensors (what graphs capture)."""
@@ -51,9 +53,7 @@ class GraphedTrainingLoss:
     def autocast(self) -> contextlib.AbstractContextManager:
         # Graph capture cannot keep autocast's cache of cast weights: replays would read
         # stale copies after the optimizer step.
-        if self.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-        return contextlib.nullcontext()
+        return autocast("cuda", self.precision, cache_enabled=False)
 
     def __call__(self, interaction: Interaction) -> torch.Tensor:
         fields = tuple(sorted(interaction.interaction))

@@ -43,6 +43,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import model_defaults
 from pipeline.cuda_graphs import GraphedTrainingLoss
+from pipeline.precision import autocast
 
 LAST_SUFFIX = "-last"
 NAN_CHECK_STEPS = 50  # training steps between the host syncs of the NaN check
@@ -422,12 +423,8 @@ class ProjectTrainer(SyncFreeTrainer):
         )
 
     def precision_autocast(self) -> contextlib.AbstractContextManager:
-        """bfloat16 autocast around a training step's loss when `precision: bf16` (products
-        and activations in bf16; weights, optimizer and loss reduction in float32, so no
-        loss scaling), else nothing."""
-        if self.config["precision"] == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The autocast of `precision` (pipeline/precision.py) around a training step's loss."""
+        return autocast(self.device.type, self.config["precision"] or "fp32")
 
     def training_loss(self, interaction):
         """One training step's loss: the model's, in the configured precision (replayed from

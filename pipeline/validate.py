@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError
+from pipeline.precision import PRECISIONS
 from pipeline.registry import SSD_MODELS
 
 RECBOLE_PROPERTIES = Path(recbole.__file__).parent / "properties"
@@ -204,9 +205,6 @@ def check_values(config) -> None:
                 f"config key {key} must be one of {', '.join(choices)}, got {value(key)!r}"
             )
     check_training_mode(config, value)
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def choice_keys() -> dict[str, tuple[str, ...]]:

@@ -84,3 +84,17 @@ def test_host_syncs_once_per_nan_check_not_per_step(monkeypatch):
     Trainer._train_epoch(recbole, batches(), 1, loss_func=squared(recbole.model))
     assert ours == STEPS // NAN_CHECK_STEPS + 2  # the checks, the last check, the total
     assert len(reads) >= 2 * STEPS
+
+
+def test_precision_autocast_names_and_graph_capture_cache():
+    from pipeline.precision import autocast
+
+    with autocast("cpu", "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled()
+    with autocast("cpu", "bf16", cache_enabled=False):  # what CUDA-graph capture needs
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+    with autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16, got 'fp16'"):
+        autocast("cpu", "fp16")
