@@ -197,7 +197,7 @@ def locate_beauty(data_file: str | None) -> Path:
 @dataclass(frozen=True)
 class Variant:
     """One table row: a model, its SSD backend (SSD models only), a precision and a
-    training mode (SSD models only: None, "device" or "all")."""
+    training mode (SSD models only: None or a key of MODES)."""
 
     model: str
     backend: str | None
@@ -207,6 +207,11 @@ class Variant:
     @property
     def label(self) -> str:
         return ":".join(p for p in (self.model, self.backend, self.precision, self.mode) if p)
+
+    @property
+    def all_positions(self) -> bool:
+        """Trains on every position: steps of ~B targets in a varying number of windows."""
+        return MODES.get(self.mode, {}).get("train_positions") == "all"
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -530,9 +535,7 @@ class Benchmark:
         if variant.model in SSD_MODELS:
             # all positions: the floor of its own step, ~W windows of L scoring B targets
             windows = (
-                round(len(train.window_targets) / len(train))
-                if variant.mode in ("all", "graph")
-                else None
+                round(len(train.window_targets) / len(train)) if variant.all_positions else None
             )
             shape = floor_model.StepShape.from_config(
                 config, dataset.item_num, is_time=model.is_time, windows=windows
@@ -578,7 +581,7 @@ class Benchmark:
             first.append(seconds)
         # The epoch's last, smaller batch has its own kernel specialisations: compile them now.
         n_last = len(state["train"].dataset) % row["batch_size"]
-        if state["variant"].mode in ("all", "graph"):  # steps vary in size: no tail shape
+        if state["variant"].all_positions:  # steps vary in size: no tail shape
             n_last = 0
         tail_s = None
         if n_last:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline.registry import SSD_MODELS
-from pipeline.sequence_batches import ALL_POSITIONS
+from pipeline.sequence_batches import ALL_POSITIONS, CAUSAL_TIME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAPER = {  # ../shared/TIM4REC_SPEC.md: TiM4Rec 64d on Amazon Beauty
@@ -57,7 +57,7 @@ METRICS = [
 # `Model:variant[:variant]` names: the settings each variant adds to the run's config.
 VARIANTS = {
     "corrected": {"time_encoding": "corrected"},
-    "causal": {"time_encoding": "causal", "p2p_residual": True},
+    "causal": CAUSAL_TIME,
     "all": ALL_POSITIONS,
     "device": {"train_loader": "device"},
     "bf16": {"precision": "bf16"},

@@ -40,9 +40,10 @@ from tim4rec import POSITION_INDEX
 
 TRAIN_LOADERS = ("recbole", "device")
 TRAIN_POSITIONS = ("last", "all")
-# The settings that train TiM4Rec on every position: the mode and the causal time path it
-# needs (SSD4Rec, without a time path, ignores the last two).
-ALL_POSITIONS = {"train_positions": "all", "time_encoding": "causal", "p2p_residual": True}
+# TiM4Rec's causal time path (each position sees only earlier ones), and the settings that
+# train on every position: the mode and that time path (SSD4Rec, without one, ignores it).
+CAUSAL_TIME = {"time_encoding": "causal", "p2p_residual": True}
+ALL_POSITIONS = {"train_positions": "all", **CAUSAL_TIME}
 CHECK_ROWS = 65536  # rows compared at a time when checking the rebuilt samples
 WINDOW_MULTIPLE = 128  # pad_batches: windows per step rounded up to a multiple of this
 IGNORED_LABEL = -100  # target of a padding row: CrossEntropyLoss's default ignore_index

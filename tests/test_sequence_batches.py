@@ -20,6 +20,7 @@ from models.layers import LowerTriangularLinear, PrefixLayerNorm
 from pipeline.config import ConfigError, build_config
 from pipeline.runner import evaluate_checkpoint, train
 from pipeline.sequence_batches import (
+    CAUSAL_TIME,
     WINDOW_MULTIPLE,
     DeviceTrainLoader,
     SequenceStore,
@@ -32,7 +33,6 @@ from ssd import TiSSDBlock
 from tim4rec import POSITION_INDEX, SSD4Rec, TiM4Rec
 
 L = 8
-CAUSAL = {"time_encoding": "causal", "p2p_residual": True}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -105,7 +105,7 @@ def test_device_loader_yields_each_recbole_sample_once(ml100k_slice):
 
 
 def test_all_positions_windows_hold_each_sample_once(ml100k_slice):
-    config, _, train_data = loaded(ml100k_slice, **CAUSAL)
+    config, _, train_data = loaded(ml100k_slice, **CAUSAL_TIME)
     loader = DeviceTrainLoader(config, train_data, "all", torch.device("cpu"))
     got, targets_per_step = [], []
     for batch in loader:
@@ -123,7 +123,7 @@ def test_all_positions_windows_hold_each_sample_once(ml100k_slice):
 
 
 def test_the_epoch_order_changes_and_repeats_from_the_generator_state(ml100k_slice):
-    config, _, train_data = loaded(ml100k_slice, **CAUSAL)
+    config, _, train_data = loaded(ml100k_slice, **CAUSAL_TIME)
     loader = DeviceTrainLoader(config, train_data, "all", torch.device("cpu"))
     state = loader.generator.get_state()
     first = [b["item_id"] for b in loader]
@@ -134,7 +134,7 @@ def test_the_epoch_order_changes_and_repeats_from_the_generator_state(ml100k_sli
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-@pytest.mark.parametrize("model_class,overrides", [(TiM4Rec, CAUSAL), (SSD4Rec, {})])
+@pytest.mark.parametrize("model_class,overrides", [(TiM4Rec, CAUSAL_TIME), (SSD4Rec, {})])
 def test_all_positions_loss_equals_the_per_prefix_loss(ml100k_slice, model_class, overrides):
     config, _, train_data = loaded(ml100k_slice, model_class, **overrides)
     torch.manual_seed(0)
@@ -225,7 +225,7 @@ def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict]:
 @pytest.mark.parametrize("positions", ["all", "last"])
 def test_padded_batches_have_fixed_shapes_and_the_same_loss_and_gradients(ml100k_slice, positions):
     """pad_batches (for CUDA graphs): few shapes, and padding rows change nothing."""
-    config, _, train_data = loaded(ml100k_slice, TiM4Rec, **CAUSAL)
+    config, _, train_data = loaded(ml100k_slice, TiM4Rec, **CAUSAL_TIME)
     torch.manual_seed(0)
     model = TiM4Rec(config, train_data.dataset)
     plain = DeviceTrainLoader(config, train_data, positions, torch.device("cpu"))
@@ -279,7 +279,7 @@ def test_wrong_training_modes_are_refused(model, overrides, message):
         validate_config(config)
 
 
-ALL_POSITIONS = {**TINY_RUN, **CAUSAL, "train_positions": "all", "epochs": 3}
+ALL_POSITIONS = {**TINY_RUN, **CAUSAL_TIME, "train_positions": "all", "epochs": 3}
 
 
 def test_all_positions_training_learns_and_resumes_bit_for_bit(ml_tiny, tmp_path, monkeypatch):
@@ -335,7 +335,7 @@ def test_training_losses_run_in_the_configured_precision(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_class,overrides", [(TiM4Rec, CAUSAL), (SSD4Rec, {})])
+@pytest.mark.parametrize("model_class,overrides", [(TiM4Rec, CAUSAL_TIME), (SSD4Rec, {})])
 def test_on_cuda_batches_are_recbole_samples_and_all_positions_loss_matches(
     ml100k_slice, model_class, overrides
 ):
@@ -375,7 +375,7 @@ def test_graphed_training_steps_match_eager_ones(ml100k_slice, positions, precis
     from pipeline.cuda_graphs import GraphedTrainingLoss
 
     cuda = torch.device("cuda")
-    config, _, train_data = loaded(ml100k_slice, TiM4Rec, **CAUSAL, train_batch_size=32)
+    config, _, train_data = loaded(ml100k_slice, TiM4Rec, **CAUSAL_TIME, train_batch_size=32)
     torch.manual_seed(0)
     graphed_model = TiM4Rec(config, train_data.dataset).to(cuda).train()
     eager_model = TiM4Rec(config, train_data.dataset).to(cuda).train()
