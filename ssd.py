@@ -89,10 +89,7 @@ def set_triton_autotune(mode: str) -> None:
     at this project's shapes, so a run starts in seconds; 'search': their full autotuning.
     Process-wide, as the kernels are."""
     global _autotune_mode
-    if mode not in triton_autotune.AUTOTUNE_MODES:
-        raise ValueError(
-            f"triton_autotune must be one of {triton_autotune.AUTOTUNE_MODES}, got {mode!r}"
-        )
+    triton_autotune.check_mode(mode)
     _autotune_mode = mode
     if _mamba_triton:  # already imported: apply now
         triton_autotune.configure(mode)

@@ -128,10 +128,14 @@ def unpin(kernels: Mapping[str, object]) -> None:
             kernel.configs = _full_configs[id(kernel)]
 
 
-def configure(mode: str, kernels: Mapping[str, object] | None = None) -> list[str]:
-    """Apply `mode` ("pinned" or "search") to mamba-ssm's kernels; returns the names pinned."""
+def check_mode(mode: str) -> None:
     if mode not in AUTOTUNE_MODES:
         raise ValueError(f"triton_autotune must be one of {AUTOTUNE_MODES}, got {mode!r}")
+
+
+def configure(mode: str, kernels: Mapping[str, object] | None = None) -> list[str]:
+    """Apply `mode` ("pinned" or "search") to mamba-ssm's kernels; returns the names pinned."""
+    check_mode(mode)
     kernels = autotuners() if kernels is None else kernels
     if mode == "search":
         unpin(kernels)
