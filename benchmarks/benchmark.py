@@ -569,6 +569,14 @@ class Benchmark:
         """ms per training step on real batches already on the device; the first steps
         (compilation, autotuning) are timed apart."""
         work, device = self.work, self.device
+        trainer = state["trainer"]
+        with self.amp(state):  # the eager loss and the evaluation as measured below
+            _, precompile_s = measure.wall(
+                lambda: trainer.precompile_kernels(
+                    state["train"], state["valid"], loss_func=trainer.eager_loss
+                ),
+                device,
+            )
         state["model"].train()
         batches = [
             b.to(device) for b in measure.FirstBatches(state["train"], work.prefetch_batches)
@@ -610,7 +618,9 @@ class Benchmark:
                              measure.summary([t for ts in all_times for t in ts]).items()},
             samples_per_s=row["batch_size"] / step_s,
             first_steps_s=first,
-            train_compile_extra_s=max(0.0, sum(first) - len(first) * step_s)
+            precompile_s=precompile_s,
+            train_compile_extra_s=precompile_s
+            + max(0.0, sum(first) - len(first) * step_s)
             + (max(0.0, tail_s - warm_tail) if tail_s is not None else 0.0),
         )  # fmt: skip
         floor = row.get("floor") or {}
@@ -630,20 +640,21 @@ class Benchmark:
             start = time.perf_counter()
             self.train_step(state, batch)  # returns once queued, unless something syncs
             issue.append(time.perf_counter() - start)
-        measure.sync(device)
-        activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            for batch in batches:
-                self.train_step(state, batch)
-            measure.sync(device)
-        events = prof.key_averages()
-        on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            steps_left = iter(batches)
+            busy_ms, ops, events = measure.gpu_busy(
+                lambda: self.train_step(state, next(steps_left)), device, len(batches)
+            )
+        else:
+            busy_ms = ops = None
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for batch in batches:
+                    self.train_step(state, batch)
+            events = prof.key_averages()
         row["profile"] = {
             "host_issue_ms": 1e3 * statistics.median(issue),
-            "gpu_busy_ms": sum(e.self_device_time_total for e in on_device) / 1e3 / steps,
-            "gpu_ops_per_step": sum(e.count for e in on_device) / steps,
+            "gpu_busy_ms": busy_ms,
+            "gpu_ops_per_step": ops,
         }
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         name = state["variant"].label.replace(":", "-")

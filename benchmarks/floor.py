@@ -144,6 +144,35 @@ def forward_flops(s: StepShape) -> dict[str, float]:
     return flops
 
 
+def product_shapes(s: StepShape) -> list[tuple[str, int, int, int]]:
+    """The step's matrix products as (name, rows m, inner k, columns n): Y (m x n) =
+    X (m x k) W^T, all layers; `forward_flops` counts 2 m k n for each."""
+    T, d, L = s.batch * s.seq_len, s.hidden, s.seq_len
+    rows_time = s.batch * s.nheads  # the time path maps (B, H, L) signals along L
+    products = []
+    for _ in range(s.num_layers):
+        products += [
+            ("in_proj", T, d, 2 * s.d_inner + 2 * s.d_state + s.nheads),
+            ("out_proj", T, s.d_inner, d),
+            ("ffn", T, d, s.ffn_mult * d),
+            ("ffn", T, s.ffn_mult * d, d),
+        ]
+        if s.is_time:
+            products += [("time_mlp", rows_time, L, L), ("time_mlp", rows_time, L, L)]
+            products += [("time_gate", rows_time, L, L if s.p2p_residual else 1)]
+    products.append(("scoring", s.scored, d, s.n_items))
+    return products
+
+
+def separate_products_bytes(s: StepShape, activation_bytes: int) -> float:
+    """Fewest bytes the matrix products move when each is its own kernel (as in every
+    library), forward and backward: each of Y = X W^T, dX = dY W and dW = dY^T X reads
+    its two operands and writes its result once, 3 (mk + kn + mn) elements."""
+    return float(
+        sum(3 * (m * k + k * n + m * n) for _, m, k, n in product_shapes(s)) * activation_bytes
+    )
+
+
 def training_flops(s: StepShape) -> float:
     """Forward + backward FLOPs of one step: 3 x forward."""
     return 3.0 * sum(forward_flops(s).values())
@@ -194,13 +223,16 @@ def floor(
         "training_flops": training_flops(s),
         "bytes": bytes_moved,
         "training_bytes": sum(bytes_moved.values()),
+        "separate_products_bytes": separate_products_bytes(s, 2 if precision == "bf16" else 4),
     }
     if peaks is None:
         return result
     unit = "bf16" if precision == "bf16" else ("tf32" if allow_tf32 else "fp32")
     compute_s = result["training_flops"] / peaks[unit]
     memory_s = result["training_bytes"] / peaks["bandwidth"]
+    products_memory_s = result["separate_products_bytes"] / peaks["bandwidth"]
     result.update(
+        products_memory_ms=1e3 * products_memory_s,
         peak_unit=unit,
         peak_flops=peaks[unit],
         bandwidth=peaks["bandwidth"],

@@ -55,6 +55,23 @@ def time_calls(fn: Callable[[], object], device: torch.device, n: int) -> list[f
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
+def gpu_busy(fn: Callable[[], object], device: torch.device, n: int):
+    """(ms per call that the GPU spends in kernels and copies over `n` calls of `fn`, kernel
+    launches per call, torch.profiler's key averages): the device's own time, whatever
+    the host's. CUDA only."""
+    sync(device)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        for _ in range(n):
+            fn()
+        sync(device)
+    events = prof.key_averages()
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.self_device_time_total for e in on_device) / 1e3 / n
+    return busy_ms, sum(e.count for e in on_device) / n, events
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100), linear interpolation between order statistics."""
     if not values:

@@ -206,6 +206,11 @@ def markdown_table(result: dict) -> str:
                 f"{floor['peak_flops'] / 1e12:.0f} TFLOP/s {floor['peak_unit']}, "
                 f"{floor['bandwidth'] / 1e12:.2f} TB/s)"
             )
+            if "products_memory_ms" in floor:  # older JSON files lack it
+                text += (
+                    f"; its matrix products as separate kernels need >= "
+                    f"{floor['products_memory_ms']:.2f} ms of memory traffic alone"
+                )
         else:
             text += " (no peak figures for this device: floor time not computed)"
         lines.append(text)

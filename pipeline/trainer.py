@@ -44,6 +44,12 @@ from pipeline.checkpoint import (
 from pipeline.config import model_defaults
 from pipeline.cuda_graphs import GraphedTrainingLoss
 from pipeline.precision import autocast
+from pipeline.precompile import (
+    PrecompileReport,
+    example_batches,
+    precompile,
+    triton_async_compile_available,
+)
 
 LAST_SUFFIX = "-last"
 NAN_CHECK_STEPS = 50  # training steps between the host syncs of the NaN check
@@ -80,6 +86,7 @@ RESUME_FREE_KEYS = {
     "data_path",
     "deterministic",
     "state",
+    "triton_precompile",
 }
 
 
@@ -406,6 +413,8 @@ class ProjectTrainer(SyncFreeTrainer):
             )
             return self.best_valid_score, self.best_valid_result
 
+        self.precompile_kernels(train_data, valid_data)
+
         def end_of_validated_epoch(epoch_idx, valid_score):
             # Called after RecBole updated best score, best result and early-stopping counter.
             self.stopped_early = self.cur_step > self.stopping_step  # RecBole's stop rule
@@ -422,6 +431,23 @@ class ProjectTrainer(SyncFreeTrainer):
             callback_fn=end_of_validated_epoch,
         )
 
+    def precompile_kernels(
+        self, train_data, valid_data=None, loss_func=None
+    ) -> PrecompileReport | None:
+        """With `triton_precompile` on a CUDA device: compiles in parallel, before the first
+        step, the Triton kernels that training steps (`loss_func`, default the configured
+        precision's eager loss) and evaluations launch (pipeline/precompile.py). Draws no
+        random number the run would see."""
+        if not self.config["triton_precompile"] or not triton_async_compile_available(self.device):
+            return None
+        loaders = {"train": train_data, "valid": valid_data}
+        state = rng_state(loaders)
+        try:
+            train, evaluation = example_batches(self.config, train_data, valid_data, self.device)
+        finally:
+            set_rng_state(state, loaders)
+        return precompile(self.model, loss_func or self.eager_loss, train, evaluation)
+
     def precision_autocast(self) -> contextlib.AbstractContextManager:
         """The autocast of `precision` (pipeline/precision.py) around a training step's loss."""
         return autocast(self.device.type, self.config["precision"] or "fp32")
@@ -431,6 +457,9 @@ class ProjectTrainer(SyncFreeTrainer):
         a CUDA graph with `train_cuda_graph`)."""
         if self.graphed_loss is not None:
             return self.graphed_loss(interaction)
+        return self.eager_loss(interaction)
+
+    def eager_loss(self, interaction):
         with self.precision_autocast():
             return self.model.calculate_loss(interaction)
 

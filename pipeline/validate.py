@@ -82,6 +82,7 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "train_positions": (str,),
     "precision": (str,),
     "train_cuda_graph": (bool,),
+    "triton_precompile": (bool,),
 }
 POSITIVE_KEYS = (
     "hidden_size",

@@ -334,3 +334,34 @@ def test_time_budget_skips_but_writes(tmp_path, monkeypatch):
     assert code == 1  # nothing measured
     assert [r["status"] for r in result["rows"]] == ["skipped", "skipped"]
     assert "time budget" in table
+
+
+def test_floor_components_run_the_products_the_floor_counts():
+    """benchmarks/floor_components.py's cuBLAS part: exactly floor.py's matrix-product
+    FLOPs, forward and backward (3 x forward)."""
+    from benchmarks.floor_components import matrix_products
+
+    shape = floor.StepShape(batch=3, seq_len=20, n_items=50, targets=7, p2p_residual=True)
+    step = matrix_products(shape, torch.device("cpu"), torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    products = ("in_proj", "out_proj", "ffn", "time_mlp", "time_gate", "scoring")
+    counted = floor.forward_flops(shape)
+    assert counter.get_total_flops() == 3 * sum(counted[name] for name in products)
+
+
+def test_product_shapes_are_the_products_the_floor_counts():
+    shape = floor.StepShape(batch=5, seq_len=30, n_items=70, targets=9, p2p_residual=True)
+    flops: dict[str, int] = {}
+    for name, m, k, n in floor.product_shapes(shape):
+        flops[name] = flops.get(name, 0) + 2 * m * k * n
+    counted = floor.forward_flops(shape)
+    assert flops == {name: counted[name] for name in flops}
+    assert set(flops) == {"in_proj", "out_proj", "ffn", "time_mlp", "time_gate", "scoring"}
+    m, k, n = 9, 64, 70  # scoring: 9 targets x d=64 against 70 items, bf16
+    assert (
+        floor.separate_products_bytes(
+            floor.StepShape(batch=5, seq_len=30, n_items=70, targets=9, num_layers=0), 2
+        )
+        == 3 * (m * k + k * n + m * n) * 2
+    )
