@@ -306,6 +306,27 @@ def rmsnorm_gated(
     return rmsnorm_gated_reference(x, z, weight, eps)
 
 
+def causal_conv1d_hardswish_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """hardswish(causal depthwise conv along L): x (B, L, C), weight (C, 1, K), bias (C,)."""
+    K, length = weight.shape[-1], x.shape[1]
+    conv = F.conv1d(x.transpose(1, 2), weight, bias, padding=K - 1, groups=x.shape[-1])
+    return F.hardswish(conv[..., :length]).transpose(1, 2)  # (B, L, C)
+
+
+def causal_conv1d_hardswish(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """(B, L, C) -> (B, L, C): one fused Triton kernel each way on the Triton backend
+    (models/causal_conv_triton.py), nn.functional otherwise."""
+    if resolve_backend(backend, x.device) == "triton":
+        from models.causal_conv_triton import CausalConvHardswish
+
+        return CausalConvHardswish.apply(x, weight, bias)
+    return causal_conv1d_hardswish_reference(x, weight, bias)
+
+
 # --------------------------------------------------------------------------------------
 # The time-aware SSD block
 # --------------------------------------------------------------------------------------
@@ -367,7 +388,6 @@ class TiSSDBlock(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads)
         conv_dim = self.d_inner + 2 * d_state
         self.conv1d = CausalDepthwiseConv1d(conv_dim, d_conv)
-        self.act = nn.Hardswish()
 
         # dt_bias = softplus^-1(dt0), dt0 log-uniform in [1e-3, 1e-1], as in Mamba-2.
         dt0 = torch.exp(torch.rand(self.nheads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
@@ -405,14 +425,19 @@ class TiSSDBlock(nn.Module):
         z, xBC, dt = torch.split(
             self.in_proj(u), [self.d_inner, self.d_inner + 2 * N, H], dim=-1
         )  # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
-        xBC = self.act(self.conv1d(xBC.transpose(1, 2))).transpose(1, 2)  # (B, L, d_in + 2N)
+        conv = self.conv1d
+        xBC = causal_conv1d_hardswish(
+            xBC, conv.weight, conv.bias, self.backend
+        )  # (B, L, d_in + 2N)
 
         theta = None
         if self.is_time:
             T = time_signal  # (B, H, L)
-            gated = T * self.time_mlp(T)
-            theta = self.act(self.time_conv_2(self.act(self.time_conv_1(gated))))  # (B, H, L)
-            dt = dt * theta.transpose(1, 2)  # (B, L, H)
+            gated = (T * self.time_mlp(T)).transpose(1, 2)  # (B, L, H)
+            for conv in (self.time_conv_1, self.time_conv_2):
+                gated = causal_conv1d_hardswish(gated, conv.weight, conv.bias, self.backend)
+            theta = gated.transpose(1, 2)  # (B, H, L)
+            dt = dt * gated  # (B, L, H)
 
         x, B, C = torch.split(xBC, [self.d_inner, N, N], dim=-1)
         y = ssd_scan(

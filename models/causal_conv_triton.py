@@ -1,0 +1,167 @@
+"""Causal depthwise convolution along L fused with its Hardswish, as Triton kernels.
+
+    y[b, l, c] = hardswish(bias[c] + sum_k w[c, k] x[b, l - (K - 1) + k, c])
+
+TiSSDBlock convolves xBC (B, L, C) and its time signal this way. Through nn.Conv1d each
+costs a transposed copy, the padded convolution, a slice and the activation forward, and
+as many kernels backward (PyTorch's depthwise kernels alone: ~1.9 ms of a 17 ms training
+step at the ML-1M shape on an H200, docs/performance_notes.md). Here: one kernel forward;
+backward one kernel for the activation's gradient g with the weight and bias partial sums
+(per block of rows, added up by PyTorch: deterministic), and one for the input gradient
+dx[l] = sum_k w[k] g[l + K - 1 - k]. The pre-activation is recomputed, not stored.
+Inputs in any strides (xBC is a column slice of in_proj's output); float32 arithmetic.
+
+`ssd.causal_conv1d_hardswish` dispatches here on CUDA and to the nn.functional reference
+otherwise; tests/test_causal_conv.py compares the two (CUDA, and Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_L = 64
+MAX_BLOCK_C = 64
+
+
+@triton.jit
+def _hardswish(v):
+    return v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
+
+
+@triton.jit
+def _hardswish_grad(v):  # PyTorch's: 0 below -3, v / 3 + 1/2 up to 3 (inclusive), then 1
+    return tl.where(v < -3.0, 0.0, tl.where(v <= 3.0, v / 3.0 + 0.5, 1.0))
+
+
+@triton.jit
+def _conv_tile(x_base, w_ptr, b_ptr, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K: tl.constexpr):
+    """bias + sum_k w[:, k] x[l - (K-1) + k] for a (BLOCK_L, BLOCK_C) tile, float32."""
+    acc = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(K):
+        src = offs_l - (K - 1) + k
+        valid = ((src >= 0) & (src < L))[:, None] & mask_c[None, :]
+        x = tl.load(x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0)
+        w = tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0.0).to(tl.float32)
+        acc += x.to(tl.float32) * w[None, :]
+    return acc
+
+
+@triton.jit
+def _causal_conv_fwd(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    L, C,
+    s_x_b, s_x_l, s_x_c,
+    s_y_b, s_y_l, s_y_c,
+    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    pre = _conv_tile(x_ptr + b * s_x_b, w_ptr, b_ptr, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K)
+    out = y_ptr + b * s_y_b + offs_l[:, None] * s_y_l + offs_c[None, :] * s_y_c
+    tl.store(out, _hardswish(pre), mask=(offs_l < L)[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _causal_conv_bwd_g(
+    x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
+    L, C,
+    s_x_b, s_x_l, s_x_c,
+    s_dy_b, s_dy_l, s_dy_c,
+    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """g = dy * hardswish'(pre) (float32, (B, L, C) contiguous); this tile's sums of
+    g * x[l - (K-1) + k] (dw partial, (n_tiles, C, K)) and of g (db partial, (n_tiles, C))."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_l = tl.program_id(1)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    rows = (offs_l < L)[:, None] & mask_c[None, :]
+    x_base = x_ptr + b * s_x_b
+    pre = _conv_tile(x_base, w_ptr, b_ptr, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K)
+    dy = tl.load(
+        dy_ptr + b * s_dy_b + offs_l[:, None] * s_dy_l + offs_c[None, :] * s_dy_c,
+        mask=rows,
+        other=0.0,
+    ).to(tl.float32)
+    g = tl.where(rows, dy * _hardswish_grad(pre), 0.0)
+    tl.store(g_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :], g, mask=rows)
+    tile = b * tl.num_programs(1) + pid_l
+    tl.store(db_ptr + tile * C + offs_c, tl.sum(g, axis=0), mask=mask_c)
+    for k in tl.static_range(K):
+        src = offs_l - (K - 1) + k
+        valid = ((src >= 0) & (src < L))[:, None] & mask_c[None, :]
+        x = tl.load(x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0)
+        dw = tl.sum(g * x.to(tl.float32), axis=0)
+        tl.store(dw_ptr + (tile * C + offs_c) * K + k, dw, mask=mask_c)
+
+
+@triton.jit
+def _causal_conv_bwd_dx(
+    g_ptr, w_ptr, dx_ptr,
+    L, C,
+    s_dx_b, s_dx_l, s_dx_c,
+    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dx[l] = sum_k w[:, k] g[l + K - 1 - k] (the convolution's transpose)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        dst = offs_l + (K - 1) - k
+        valid = (dst < L)[:, None] & mask_c[None, :]
+        g = tl.load(g_ptr + (b * L + dst[:, None]) * C + offs_c[None, :], mask=valid, other=0.0)
+        w = tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0.0).to(tl.float32)
+        acc += g * w[None, :]
+    out = dx_ptr + b * s_dx_b + offs_l[:, None] * s_dx_l + offs_c[None, :] * s_dx_c
+    tl.store(out, acc, mask=(offs_l < L)[:, None] & mask_c[None, :])
+
+
+def _grid(batch: int, length: int, channels: int) -> tuple[tuple[int, int, int], int]:
+    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(channels))
+    return (batch, triton.cdiv(length, BLOCK_L), triton.cdiv(channels, block_c)), block_c
+
+
+class CausalConvHardswish(torch.autograd.Function):
+    """hardswish(causal depthwise conv of x (B, L, C) along L), weight (C, 1, K), bias (C,)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        batch, length, channels = x.shape
+        K = weight.shape[-1]
+        weight, bias = weight.reshape(channels, K).contiguous(), bias.contiguous()
+        y = torch.empty_like(x)  # x's memory order when it is dense, else contiguous
+        grid, block_c = _grid(batch, length, channels)
+        _causal_conv_fwd[grid](
+            x, weight, bias, y, length, channels, *x.stride(), *y.stride(),
+            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, bias = ctx.saved_tensors
+        batch, length, channels = x.shape
+        K = weight.shape[-1]
+        grid, block_c = _grid(batch, length, channels)
+        tiles = grid[0] * grid[1]
+        g = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
+        dw = torch.empty(tiles, channels, K, device=x.device, dtype=torch.float32)
+        db = torch.empty(tiles, channels, device=x.device, dtype=torch.float32)
+        _causal_conv_bwd_g[grid](
+            x, weight, bias, dy, g, dw, db, length, channels, *x.stride(), *dy.stride(),
+            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+        )  # fmt: skip
+        dx = torch.empty_like(x)
+        _causal_conv_bwd_dx[grid](
+            g, weight, dx, length, channels, *dx.stride(),
+            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+        )  # fmt: skip
+        return dx, dw.sum(0).reshape(channels, 1, K), db.sum(0)

@@ -1,0 +1,114 @@
+"""The fused causal convolution + Hardswish kernels against nn.functional, outputs and
+gradients, on inputs laid out as TiSSDBlock passes them.
+
+On CUDA (marked gpu) and, where Triton is installed, on CPU through its interpreter
+(TRITON_INTERPRET=1, in a subprocess so the setting does not leak into other tests).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd import causal_conv1d_hardswish_reference
+
+# (batch, length, channels, kernel, layout): one tile; several row and channel tiles with
+# ragged ends; the time path's few channels; a longer kernel than the sequence.
+CASES = [
+    (2, 7, 5, 4, "slice"),
+    (3, 70, 130, 4, "slice"),
+    (2, 50, 4, 4, "transposed"),
+    (2, 3, 8, 4, "contiguous"),
+]
+
+
+def _input(gen: torch.Generator, batch: int, length: int, channels: int, layout: str):
+    """x (B, L, C) as the block makes it: a column slice of in_proj's output, a (B, C, L)
+    tensor seen as (B, L, C) (the time signal), or contiguous. Scaled so pre-activations
+    fall on all three pieces of Hardswish."""
+    if layout == "slice":
+        wide = 3 * torch.randn(batch, length, channels + 9, generator=gen, dtype=torch.float64)
+        return wide[..., 5 : 5 + channels]
+    if layout == "transposed":
+        return 3 * torch.randn(
+            batch, channels, length, generator=gen, dtype=torch.float64
+        ).transpose(1, 2)
+    return 3 * torch.randn(batch, length, channels, generator=gen, dtype=torch.float64)
+
+
+def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.float32) -> dict:
+    """Relative errors of the Triton kernels (in `dtype`) against the float64 reference."""
+    from models.causal_conv_triton import CausalConvHardswish
+
+    batch, length, channels, kernel, layout = case
+    gen = torch.Generator().manual_seed(seed)
+    x = _input(gen, batch, length, channels, layout)
+    weight = torch.randn(channels, 1, kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64)
+    x = x.to(dtype).double()  # the values the kernel sees
+    ref = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y_ref = causal_conv1d_hardswish_reference(*ref)
+    # the same layout on the device: the slice stays a slice, the transpose a transpose
+    fast_x = x.to(device=device, dtype=dtype)
+    if layout == "slice":
+        wide = torch.zeros(batch, length, channels + 9, device=device, dtype=dtype)
+        wide[..., 5 : 5 + channels] = fast_x
+        fast_x = wide[..., 5 : 5 + channels]
+    elif layout == "transposed":
+        fast_x = fast_x.transpose(1, 2).contiguous().transpose(1, 2)
+    fast = [fast_x.requires_grad_()] + [
+        t.to(device=device, dtype=torch.float32).requires_grad_() for t in (weight, bias)
+    ]
+    y = CausalConvHardswish.apply(*fast)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert y.stride() == (fast_x.stride() if layout == "transposed" else y.contiguous().stride())
+    grad = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    grads_ref = torch.autograd.grad(y_ref, ref, grad)
+    grads = torch.autograd.grad(y, fast, grad.to(device=device, dtype=dtype))
+    errors = {"y": _relative_error(y, y_ref.detach())}
+    for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert g.shape == g_ref.shape, name
+        errors[name] = _relative_error(g, g_ref)
+    return errors
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got = got.detach().cpu().double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_fused_causal_conv_matches_reference_on_gpu(case):
+    errors = check_against_reference("cuda", case, seed=sum(case[:4]))
+    print(f"\n[gpu] causal conv {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.gpu
+def test_fused_causal_conv_in_bf16_rounds_only_its_output():
+    errors = check_against_reference("cuda", CASES[1], seed=3, dtype=torch.bfloat16)
+    assert max(errors.values()) < 1e-2, errors  # bf16 output and dx, float32 arithmetic
+
+
+def test_fused_causal_conv_in_interpreter():
+    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    pytest.importorskip("triton")
+    code = (
+        "from tests.test_causal_conv import CASES, check_against_reference\n"
+        "for i, case in enumerate(CASES):\n"
+        "    errors = check_against_reference('cpu', case, seed=i)\n"
+        "    assert max(errors.values()) < 1e-5, (case, errors)\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
