@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,14 @@ def ml100k_slice(tmp_path_factory) -> Path:
     """data_path holding `ml-slice`: the first 150 users of the bundled ml-100k."""
     folder = tmp_path_factory.mktemp("data")
     return write_slice(folder, "ml-slice", BUNDLED["ml-100k"] / "ml-100k.inter", n_users=150)
+
+
+def run_in_triton_interpreter(code: str) -> None:
+    """Run `code` (printing 'ok' when its checks pass) with TRITON_INTERPRET=1 in a
+    subprocess, so the setting does not leak into other tests; skips without Triton."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

@@ -7,13 +7,9 @@ On CUDA (marked gpu) and, where Triton is installed, on CPU through its interpre
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 from ssd import causal_conv1d_hardswish_reference
 
@@ -98,7 +94,6 @@ def test_fused_causal_conv_in_bf16_rounds_only_its_output():
 
 def test_fused_causal_conv_in_interpreter():
     """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
-    pytest.importorskip("triton")
     code = (
         "from tests.test_causal_conv import CASES, check_against_reference\n"
         "for i, case in enumerate(CASES):\n"
@@ -106,9 +101,4 @@ def test_fused_causal_conv_in_interpreter():
         "    assert max(errors.values()) < 1e-5, (case, errors)\n"
         "print('ok')\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    run_in_triton_interpreter(code)

@@ -12,9 +12,9 @@ import torch
 from conftest import TINY_RUN
 from recbole.data import create_dataset, data_preparation
 from test_resume import assert_identical, outcome
+from test_sequence_batches import L, small_config
 
 import pipeline.precompile as precompile_module
-from pipeline.config import build_config
 from pipeline.precompile import example_batches, resized_samples, specialisation_sizes
 from pipeline.runner import train
 from pipeline.sequence_batches import CAUSAL_TIME, DeviceTrainLoader
@@ -22,28 +22,11 @@ from pipeline.trainer import ProjectTrainer, rng_state, set_rng_state
 from tim4rec import POSITION_INDEX, TiM4Rec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-L = 8
 CPU = torch.device("cpu")
 
 
 def loaders(data_path, **overrides):
-    config = build_config(
-        TiM4Rec,
-        [],
-        {
-            "dataset": "ml-slice",
-            "data_path": str(data_path),
-            "MAX_ITEM_LIST_LENGTH": L,
-            "train_batch_size": 64,
-            "eval_batch_size": 48,
-            "hidden_size": 16,
-            "d_state": 8,
-            "head_dim": 8,
-            "chunk_size": 4,
-            **CAUSAL_TIME,
-            **overrides,
-        },
-    )
+    config = small_config(data_path, eval_batch_size=48, **CAUSAL_TIME, **overrides)
     dataset = create_dataset(config)
     train_data, valid_data, _ = data_preparation(config, dataset)
     return config, dataset, train_data, valid_data

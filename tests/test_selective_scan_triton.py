@@ -7,12 +7,10 @@ On CUDA (marked gpu) and, where Triton is installed, on CPU through its interpre
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 from models import selective_scan as ss
 
@@ -92,7 +90,6 @@ def test_triton_backend_refuses_cpu_and_unknown_names():
 
 def test_triton_selective_scan_in_interpreter():
     """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
-    pytest.importorskip("triton")
     code = (
         "from tests.test_selective_scan_triton import SHAPES, check_against_reference\n"
         "for i, shape in enumerate(SHAPES[:3]):\n"
@@ -100,9 +97,4 @@ def test_triton_selective_scan_in_interpreter():
         "    assert max(errors.values()) < 1e-4, (shape, errors)\n"
         "print('ok')\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    run_in_triton_interpreter(code)

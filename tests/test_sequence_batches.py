@@ -36,8 +36,9 @@ L = 8
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def loaded(data_path, model_class=TiM4Rec, **overrides):
-    config = build_config(
+def small_config(data_path, model_class=TiM4Rec, **overrides):
+    """A one-second model on the ml-100k slice, no dropout unless overridden."""
+    return build_config(
         model_class,
         [],
         {
@@ -54,6 +55,10 @@ def loaded(data_path, model_class=TiM4Rec, **overrides):
             **overrides,
         },
     )
+
+
+def loaded(data_path, model_class=TiM4Rec, **overrides):
+    config = small_config(data_path, model_class, **overrides)
     dataset = create_dataset(config)
     train_data, _, _ = data_preparation(config, dataset)
     return config, dataset, train_data
