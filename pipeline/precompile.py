@@ -16,7 +16,8 @@ are done, the real steps find every kernel in Triton's in-memory cache.
 
 An autotuned kernel with more than one configuration left (`triton_autotune: search`)
 must launch to measure them; the dry pass skips it, and it compiles at its first real
-call as before.
+call as before. The dry pass leans on Triton internals (3.6); if it fails for any reason,
+a warning says so and the kernels compile at first use, as without it.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def triton_async_compile_available(device: torch.device) -> bool:
 
 class _CompileAndBuildLauncher:
     """An executor for AsyncCompileMode whose tasks also build the kernel's launcher (a C
-    module Triton compiles with the system's C compiler, ~0.5 s, at a kernel's first
-    launch, in the calling thread) and record when each was submitted, started and done."""
+    module Triton otherwise compiles with the system's C compiler at the kernel's first
+    launch, in the launching thread) and record when each was submitted, started and done."""
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self.pool = pool
@@ -101,10 +102,10 @@ class _InEveryThread:
 def compile_only(workers: int) -> Iterator[list[tuple[float, float, float]]]:
     """Inside, Triton kernel launches compile on `workers` threads instead of running.
 
-    Yields the list of the compile tasks' (submitted, started, done) seconds from entry,
-    complete on exit: on exit it waits
-    for them and fills each kernel's cache, so the next real launch with the same
-    specialisation compiles nothing.
+    Yields the compile tasks' (submitted, started, done) seconds, complete on exit: exit
+    waits for the tasks and fills each kernel's in-memory cache, so the next real launch
+    with the same specialisation compiles nothing. Patches Triton 3.6's `JITFunction.run`,
+    `Autotuner.run` and its async-compile context variable for the duration.
     """
     from triton.runtime import _async_compile, autotuner
     from triton.runtime import jit as triton_jit

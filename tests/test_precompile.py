@@ -199,3 +199,19 @@ def test_training_with_precompiled_kernels_matches_training_without(ml_tiny, tmp
     torch.testing.assert_close(precompiled["losses"], plain["losses"], rtol=1e-5, atol=1e-6)
     for name, tensor in plain["best_state"].items():
         torch.testing.assert_close(precompiled["best_state"][name], tensor, msg=name)
+
+
+def test_a_failing_dry_pass_is_reported_and_never_fatal(monkeypatch, caplog):
+    @contextlib.contextmanager
+    def broken(workers):
+        raise TypeError("JITFunction.run() got an unexpected keyword argument")
+        yield
+
+    monkeypatch.setattr(precompile_module, "triton_async_compile_available", lambda device: True)
+    monkeypatch.setattr(precompile_module, "compile_only", broken)
+    model = torch.nn.Linear(3, 2)
+    model.eval()
+    report = precompile_module.precompile(model, lambda batch: model(batch).sum(), [torch.ones(3)])
+    assert report.kernels == 0 and report.skipped.startswith("TypeError: JITFunction.run()")
+    assert "kernels compile at first use" in caplog.text
+    assert not model.training  # its mode restored
