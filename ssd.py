@@ -332,16 +332,18 @@ def causal_conv1d_hardswish(
 # --------------------------------------------------------------------------------------
 
 
-class CausalDepthwiseConv1d(nn.Conv1d):
-    """Depthwise Conv1d along L that sees only the current and K - 1 earlier steps."""
+class CausalConv1dHardswish(nn.Conv1d):
+    """Hardswish of a depthwise convolution along L that sees only the current and K - 1
+    earlier steps, on (B, L, C) tensors (`causal_conv1d_hardswish`). An nn.Conv1d for
+    its parameters and their initialisation."""
 
     def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__(
             channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=True
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, C, L)
-        return super().forward(x)[..., : x.size(-1)]
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        return causal_conv1d_hardswish(x, self.weight, self.bias, backend)  # (B, L, C)
 
 
 class TiSSDBlock(nn.Module):
@@ -387,7 +389,7 @@ class TiSSDBlock(nn.Module):
         # [z | xBC | dt]: gate, conv input (x, B, C with one group), per-head step size
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads)
         conv_dim = self.d_inner + 2 * d_state
-        self.conv1d = CausalDepthwiseConv1d(conv_dim, d_conv)
+        self.conv1d = CausalConv1dHardswish(conv_dim, d_conv)
 
         # dt_bias = softplus^-1(dt0), dt0 log-uniform in [1e-3, 1e-1], as in Mamba-2.
         dt0 = torch.exp(torch.rand(self.nheads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
@@ -408,8 +410,8 @@ class TiSSDBlock(nn.Module):
                 )
             L = max_seq_length
             linear = LowerTriangularLinear if causal_time else partial(nn.Linear, L)
-            self.time_conv_1 = CausalDepthwiseConv1d(self.nheads, d_conv)
-            self.time_conv_2 = CausalDepthwiseConv1d(self.nheads, d_conv)
+            self.time_conv_1 = CausalConv1dHardswish(self.nheads, d_conv)
+            self.time_conv_2 = CausalConv1dHardswish(self.nheads, d_conv)
             self.time_mlp = nn.Sequential(
                 nn.Dropout(time_drop_out), linear(L), nn.SiLU(), linear(L)
             )
@@ -425,19 +427,15 @@ class TiSSDBlock(nn.Module):
         z, xBC, dt = torch.split(
             self.in_proj(u), [self.d_inner, self.d_inner + 2 * N, H], dim=-1
         )  # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
-        conv = self.conv1d
-        xBC = causal_conv1d_hardswish(
-            xBC, conv.weight, conv.bias, self.backend
-        )  # (B, L, d_in + 2N)
+        xBC = self.conv1d(xBC, self.backend)  # (B, L, d_in + 2N)
 
         theta = None
         if self.is_time:
             T = time_signal  # (B, H, L)
             gated = (T * self.time_mlp(T)).transpose(1, 2)  # (B, L, H)
-            for conv in (self.time_conv_1, self.time_conv_2):
-                gated = causal_conv1d_hardswish(gated, conv.weight, conv.bias, self.backend)
-            theta = gated.transpose(1, 2)  # (B, H, L)
-            dt = dt * gated  # (B, L, H)
+            theta = self.time_conv_2(self.time_conv_1(gated, self.backend), self.backend)
+            dt = dt * theta  # (B, L, H)
+            theta = theta.transpose(1, 2)  # (B, H, L)
 
         x, B, C = torch.split(xBC, [self.d_inner, N, N], dim=-1)
         y = ssd_scan(

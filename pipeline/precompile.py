@@ -39,13 +39,24 @@ from tim4rec import POSITION_INDEX
 
 @dataclass(frozen=True)
 class PrecompileReport:
-    kernels: int  # kernels compiled (those in Triton's disk cache load at once)
     seconds: float  # wall time of the dry pass
     issue_seconds: float = 0.0  # the dry pass itself, before waiting for the compiles
-    compile_seconds: float = 0.0  # summed over the compile tasks (each with its launcher)
-    longest_seconds: float = 0.0  # the slowest task
-    spans: tuple = ()  # (submitted, started, done) seconds of each task from the start
+    spans: tuple = ()  # (submitted, started, done) seconds of each compile task
     skipped: str | None = None  # why nothing ran
+
+    @property
+    def kernels(self) -> int:
+        """Kernels compiled (those in Triton's disk cache load at once)."""
+        return len(self.spans)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Summed over the compile tasks, each with its launcher."""
+        return sum(done - started for _, started, done in self.spans)
+
+    @property
+    def longest_seconds(self) -> float:
+        return max((done - started for _, started, done in self.spans), default=0.0)
 
 
 def triton_async_compile_available(device: torch.device) -> bool:
@@ -163,7 +174,7 @@ def precompile(
     random state or mode of `model`."""
     device = next(model.parameters()).device
     if not triton_async_compile_available(device):
-        return PrecompileReport(0, 0.0, skipped="no CUDA device or no Triton AsyncCompileMode")
+        return PrecompileReport(0.0, skipped="no CUDA device or no Triton AsyncCompileMode")
     params = [p for p in model.parameters() if p.requires_grad]
     workers = workers or min(32, os.cpu_count() or 1)
     start = perf_counter()
@@ -181,16 +192,8 @@ def precompile(
     except Exception as err:  # never fatal: the kernels then compile at first use, as without
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         getLogger().warning(f"triton_precompile failed ({reason}); kernels compile at first use")
-        return PrecompileReport(0, perf_counter() - start, skipped=reason)
-    durations = [done - started for _, started, done in spans]
-    report = PrecompileReport(
-        kernels=len(spans),
-        seconds=perf_counter() - start,
-        issue_seconds=issued,
-        compile_seconds=sum(durations),
-        longest_seconds=max(durations, default=0.0),
-        spans=tuple(sorted(spans)),
-    )
+        return PrecompileReport(perf_counter() - start, skipped=reason)
+    report = PrecompileReport(perf_counter() - start, issued, tuple(sorted(spans)))
     getLogger().info(
         f"compiled {report.kernels} Triton kernels ({report.compile_seconds:.1f} s of work, the "
         f"longest {report.longest_seconds:.1f} s) on {workers} threads in {report.seconds:.1f} s "
