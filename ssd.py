@@ -3,9 +3,7 @@
 Two implementations of one function, behind one dispatch (`ssd_scan`, `rmsnorm_gated`):
 
 - ``"triton"``: mamba-ssm's Triton kernels (`mamba_chunk_scan_combined`, `rmsnorm_fn`), on
-  CUDA tensors. mamba-ssm installed with ``MAMBA_SKIP_CUDA_BUILD=TRUE`` has no compiled
-  ``selective_scan_cuda``, and its package ``__init__`` imports it; `_import_mamba_triton`
-  reaches the pure-Triton submodules without it.
+  CUDA tensors (models/backend.py chooses, and imports them).
 - ``"torch"``: the chunked algorithm in plain PyTorch (`ssd_chunked`), for CPUs, for
   machines without mamba-ssm, and as the reference the kernels are tested against.
 
@@ -22,106 +20,15 @@ between chunks.
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import math
-import os
-import sys
-import types
-from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import triton_autotune
+from models.backend import BACKENDS, import_mamba_triton, resolve_backend
 from models.layers import LowerTriangularLinear, PrefixLayerNorm
-
-logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch", "triton")
-
-_logged_backends: set[tuple[str, str]] = set()
-_mamba_triton: tuple[Callable, Callable] | None | bool = False  # False: not tried yet
-_autotune_mode = "pinned"  # set_triton_autotune; applied when the kernels are imported
-
-
-def _import_mamba_triton() -> tuple[Callable, Callable] | None:
-    """Return mamba-ssm's (mamba_chunk_scan_combined, rmsnorm_fn), or None if unavailable."""
-    global _mamba_triton
-    if _mamba_triton is not False:
-        return _mamba_triton
-    _mamba_triton = None
-    # Keep autotuning results on disk next to the compiled kernels (Triton's cache): a
-    # search runs once per machine (~90 s unpinned); later runs reuse its choice.
-    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return None
-    if "mamba_ssm" not in sys.modules:
-        try:
-            import mamba_ssm  # noqa: F401
-        except ImportError:
-            # A skip-build install: the package __init__ needs selective_scan_cuda, the
-            # Triton submodules do not. Register a bare package so they can be imported.
-            spec = importlib.util.find_spec("mamba_ssm")
-            if spec is None or spec.submodule_search_locations is None:
-                return None
-            package = types.ModuleType("mamba_ssm")
-            package.__path__ = list(spec.submodule_search_locations)
-            package.__spec__ = spec
-            sys.modules["mamba_ssm"] = package
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception as err:  # a broken install must not stop the CPU path
-        logger.warning("mamba-ssm found but its Triton kernels failed to import: %s", err)
-        return None
-    _mamba_triton = (mamba_chunk_scan_combined, rmsnorm_fn)
-    triton_autotune.configure(_autotune_mode)
-    return _mamba_triton
-
-
-def set_triton_autotune(mode: str) -> None:
-    """'pinned' (default): mamba-ssm's SSD kernels try only the configurations measured best
-    at this project's shapes, so a run starts in seconds; 'search': their full autotuning.
-    Process-wide, as the kernels are."""
-    global _autotune_mode
-    triton_autotune.check_mode(mode)
-    _autotune_mode = mode
-    if _mamba_triton:  # already imported: apply now
-        triton_autotune.configure(mode)
-
-
-def triton_available() -> bool:
-    return torch.cuda.is_available() and _import_mamba_triton() is not None
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick the implementation for tensors on `device`: 'auto' takes Triton on CUDA when it can."""
-    if backend not in BACKENDS:
-        raise ValueError(f"ssd_backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
-    elif backend == "triton":
-        if device.type != "cuda":
-            raise ValueError(
-                "ssd_backend='triton' needs CUDA tensors; use 'auto' or 'torch' on CPU"
-            )
-        if _import_mamba_triton() is None:
-            raise ImportError(
-                "ssd_backend='triton' needs mamba-ssm's Triton kernels: "
-                "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "
-                "pip install --no-build-isolation --no-deps mamba-ssm (see README)"
-            )
-    if (backend, device.type) not in _logged_backends:
-        _logged_backends.add((backend, device.type))
-        where = "mamba-ssm Triton kernels" if backend == "triton" else "pure PyTorch (chunked)"
-        logger.info("SSD backend on %s: %s", device.type, where)
-    return backend
-
 
 # --------------------------------------------------------------------------------------
 # PyTorch reference implementations
@@ -281,7 +188,7 @@ def ssd_scan(
 ) -> torch.Tensor:
     """SSD scan, (B, L, H, P) -> (B, L, H, P), on the backend chosen for `x.device`."""
     if resolve_backend(backend, x.device) == "triton":
-        mamba_chunk_scan_combined, _ = _import_mamba_triton()
+        mamba_chunk_scan_combined, _ = import_mamba_triton()
         return mamba_chunk_scan_combined(
             x,
             dt,
@@ -301,7 +208,7 @@ def rmsnorm_gated(
 ) -> torch.Tensor:
     """Gated RMSNorm over the last axis (gate before norm), on the chosen backend."""
     if resolve_backend(backend, x.device) == "triton":
-        _, rmsnorm_fn = _import_mamba_triton()
+        _, rmsnorm_fn = import_mamba_triton()
         return rmsnorm_fn(x, weight, None, z=z, eps=eps, norm_before_gate=False)
     return rmsnorm_gated_reference(x, z, weight, eps)
 

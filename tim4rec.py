@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from models.layers import FeedForward, PrefixLayerNorm
-from ssd import TiSSDBlock, set_triton_autotune
+from models.backend import set_triton_autotune
+from models.layers import DropoutAddLayerNorm, FeedForward, PrefixLayerNorm
+from ssd import TiSSDBlock
 
 TIME_ENCODINGS = ("paper", "corrected", "causal")
 # Training batches of all-positions mode (pipeline/sequence_batches.py) carry this field:
@@ -29,22 +30,24 @@ POSITION_INDEX = "position_index"
 
 
 class TiSSDLayer(nn.Module):
-    """TiSSD block, residual + LayerNorm, then the FFN."""
+    """TiSSD block, LayerNorm(Dropout(block(x)) + x) (no residual with one layer), then the
+    FFN. The residual norms run fused on the block's backend."""
 
-    def __init__(self, d_model: int, dropout: float, residual: bool, **block_kwargs) -> None:
+    def __init__(
+        self, d_model: int, dropout: float, residual: bool, backend: str = "auto", **block_kwargs
+    ) -> None:
         super().__init__()
-        self.block = TiSSDBlock(d_model=d_model, **block_kwargs)
+        self.block = TiSSDBlock(d_model=d_model, backend=backend, **block_kwargs)
         self.residual = residual
-        self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(d_model)
-        self.ffn = FeedForward(d_model, dropout, nn.Hardswish())
+        self.layer_norm = DropoutAddLayerNorm(d_model, dropout, backend=backend)
+        self.ffn = FeedForward(d_model, dropout, nn.Hardswish(), backend=backend)
 
     def forward(
         self, x: torch.Tensor, time_signal: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        u, time_next = self.block(x, time_signal)
-        y = self.dropout(u) + x if self.residual else self.dropout(u)
-        return self.ffn(self.layer_norm(y)), time_next
+        u, time_next = self.block(x, time_signal)  # (B, L, d)
+        y = self.layer_norm(u, x if self.residual else None)
+        return self.ffn(y), time_next
 
 
 class TimeGapEncoder(nn.Module):
@@ -106,8 +109,10 @@ class TiM4Rec(SequentialRecommender):
         set_triton_autotune(config["triton_autotune"] or "pinned")  # process-wide
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
-        self.emb_dropout = nn.Dropout(self.dropout_prob)
-        self.layer_norm = nn.LayerNorm(self.hidden_size)
+        # LayerNorm(Dropout(embedding)), fused on the Triton backend
+        self.layer_norm = DropoutAddLayerNorm(
+            self.hidden_size, self.dropout_prob, backend=config["ssd_backend"]
+        )
         block_kwargs = dict(
             max_seq_length=self.max_seq_length,
             d_state=config["d_state"],
@@ -159,7 +164,7 @@ class TiM4Rec(SequentialRecommender):
         self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps: torch.Tensor | None
     ) -> torch.Tensor:
         """Histories (B, L) and their timestamps -> hidden states at every position (B, L, d)."""
-        hidden = self.layer_norm(self.emb_dropout(self.item_embedding(item_seq)))  # (B, L, d)
+        hidden = self.layer_norm(self.item_embedding(item_seq))  # (B, L, d)
         time_signal = self.time_encoder(timestamps, item_seq_len) if self.is_time else None
         for layer in self.layers:
             hidden, time_signal = layer(hidden, time_signal)

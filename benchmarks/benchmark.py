@@ -43,6 +43,7 @@ from benchmarks import floor as floor_model
 from benchmarks import measure, report
 from benchmarks.synthetic import ML1M, ML1M_SMALL, SyntheticSpec, ensure_dataset
 from models import triton_autotune
+from models.backend import triton_available
 from pipeline.config import REPO_ROOT, build_config, parse_value
 from pipeline.data import load_data
 from pipeline.precision import PRECISIONS
@@ -50,7 +51,6 @@ from pipeline.registry import SSD_MODELS, get_model_class, model_names
 from pipeline.sequence_batches import ALL_POSITIONS, make_train_loader
 from pipeline.trainer import ProjectTrainer
 from pipeline.validate import validate_config
-from ssd import triton_available
 
 # models with a torch/triton choice, and the config key that makes it
 BACKEND_KEYS = {"TiM4Rec": "ssd_backend", "SSD4Rec": "ssd_backend", "Mamba4Rec": "mamba_backend"}

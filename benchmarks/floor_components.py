@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from benchmarks import floor as floor_model
 from benchmarks import measure
+from models.backend import import_mamba_triton
 from pipeline.precision import PRECISIONS
-from ssd import _import_mamba_triton
 
 WARMUP_CALLS = 3
 TIMED_CALLS = 10
@@ -55,7 +55,7 @@ def _forward_backward(outputs: Callable[[], list[torch.Tensor]]) -> Callable[[],
 
 def ssd_scans(s: floor_model.StepShape, device, dtype) -> Callable[[], None]:
     """mamba_chunk_scan_combined forward + backward, once per layer."""
-    scan, _ = _import_mamba_triton()
+    scan, _ = import_mamba_triton()
     W, L, H, P, N = s.batch, s.seq_len, s.nheads, s.head_dim, s.d_state
     layers = []
     for _ in range(s.num_layers):
@@ -77,7 +77,7 @@ def ssd_scans(s: floor_model.StepShape, device, dtype) -> Callable[[], None]:
 
 def gated_norms(s: floor_model.StepShape, device, dtype) -> Callable[[], None]:
     """mamba-ssm's gated RMSNorm over (B * L, d_inner), forward + backward, once per layer."""
-    _, rmsnorm_fn = _import_mamba_triton()
+    _, rmsnorm_fn = import_mamba_triton()
     T, D = s.batch * s.seq_len, s.d_inner
     layers = [
         (
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or _import_mamba_triton() is None:
+    if not torch.cuda.is_available() or import_mamba_triton() is None:
         raise SystemExit("needs a CUDA GPU and mamba-ssm's Triton kernels")
     device = torch.device("cuda")
     shape = floor_model.StepShape(

@@ -82,7 +82,7 @@ def backend_of(rec: Recommender) -> str:
     block = next((m for m in rec.model.modules() if hasattr(m, "backend")), None)
     if block is None:
         return "-"
-    from ssd import resolve_backend
+    from models.backend import resolve_backend
 
     return resolve_backend(block.backend, rec.device)
 

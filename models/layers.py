@@ -4,27 +4,75 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from models.backend import resolve_backend
+
+
+def dropout_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dropout_p: float,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """LayerNorm(Dropout(x) + residual) over the last axis (`residual` may be None;
+    `dropout_p` 0 in evaluation): one fused kernel each way on the Triton backend
+    (models/layer_norm_triton.py), nn.functional otherwise."""
+    if resolve_backend(backend, x.device) == "triton":
+        from models.layer_norm_triton import DropoutAddLayerNorm as Fused
+
+        return Fused.apply(x, residual, weight, bias, eps, dropout_p)
+    h = F.dropout(x, dropout_p) if dropout_p > 0 else x
+    return F.layer_norm(h if residual is None else h + residual, weight.shape, weight, bias, eps)
+
+
+class DropoutAddLayerNorm(nn.LayerNorm):
+    """The post-norm residual connection LayerNorm(Dropout(x) + residual) (`residual` may
+    be None) as one op (`dropout_add_layer_norm`); an nn.LayerNorm for its parameters."""
+
+    def __init__(
+        self, d_model: int, dropout: float, eps: float = 1e-5, backend: str = "torch"
+    ) -> None:
+        super().__init__(d_model, eps=eps)
+        self.dropout_p = dropout
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.dropout_p if self.training else 0.0
+        return dropout_add_layer_norm(
+            x, residual, self.weight, self.bias, self.eps, p, self.backend
+        )
 
 
 class FeedForward(nn.Module):
     """Position-wise FFN with a post-LayerNorm residual (TiM4Rec, Mamba4Rec, LRURec).
 
     out = LayerNorm(Dropout(W2 Dropout(act(W1 x))) + x), W1: d -> 4d, W2: 4d -> d.
+    On the Triton backend (`backend` "triton", or "auto" on CUDA) the residual norm runs
+    as fused kernels (`dropout_add_layer_norm`).
     """
 
     def __init__(
-        self, d_model: int, dropout: float, activation: nn.Module, eps: float = 1e-12
+        self,
+        d_model: int,
+        dropout: float,
+        activation: nn.Module,
+        eps: float = 1e-12,
+        backend: str = "torch",
     ) -> None:
         super().__init__()
         self.w_1 = nn.Linear(d_model, 4 * d_model)
         self.w_2 = nn.Linear(4 * d_model, d_model)
         self.activation = activation
         self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(d_model, eps=eps)
+        self.layer_norm = DropoutAddLayerNorm(d_model, dropout, eps=eps, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, L, d)
         hidden = self.w_2(self.dropout(self.activation(self.w_1(x))))
-        return self.layer_norm(self.dropout(hidden) + x)
+        return self.layer_norm(hidden, x)
 
 
 class LowerTriangularLinear(nn.Linear):

@@ -210,9 +210,9 @@ def check_values(config) -> None:
 
 def choice_keys() -> dict[str, tuple[str, ...]]:
     """The project's keys that take one of a few names, and those names."""
+    from models.backend import BACKENDS
     from models.triton_autotune import AUTOTUNE_MODES
     from pipeline.sequence_batches import TRAIN_LOADERS, TRAIN_POSITIONS  # they import us
-    from ssd import BACKENDS
     from tim4rec import TIME_ENCODINGS
 
     return {

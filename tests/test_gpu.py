@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssd import rmsnorm_gated, rmsnorm_gated_reference, ssd_chunked, ssd_scan, triton_available
+from models.backend import triton_available
+from ssd import rmsnorm_gated, rmsnorm_gated_reference, ssd_chunked, ssd_scan
 
 pytestmark = pytest.mark.gpu
 

@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import ssd
-from models import triton_autotune
+from models import backend, triton_autotune
 from models.triton_autotune import PINNED, chosen, configure, pin, table_from_chosen, unpin
 
 
@@ -68,7 +67,7 @@ def test_configure_search_and_bad_mode():
     with pytest.raises(ValueError, match="triton_autotune must be one of"):
         configure("fast", ks)
     with pytest.raises(ValueError, match="triton_autotune must be one of"):
-        ssd.set_triton_autotune("fast")
+        backend.set_triton_autotune("fast")
 
 
 def test_chosen_configs_become_a_table_that_pins_them():
@@ -101,7 +100,7 @@ def test_shipped_table_is_well_formed():
 
 def test_shipped_table_matches_the_installed_kernels():
     pytest.importorskip("triton")
-    if ssd._import_mamba_triton() is None:
+    if backend.import_mamba_triton() is None:
         pytest.skip("mamba-ssm's Triton kernels are not installed")
     ks = triton_autotune.autotuners()
     assert set(PINNED) <= set(ks)

@@ -1,0 +1,188 @@
+"""LayerNorm(Dropout(x) + residual) over the last axis, fused, as Triton kernels.
+
+    h = Dropout_p(x) + residual            (residual optional)
+    y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias
+
+TiM4Rec's post-norm residual connections (after each TiSSD block and each FFN) and its
+embedding norm are this. In PyTorch each is a dropout, an add and nn.LayerNorm forward, and
+as many kernels backward, plus the weight and bias reductions; PyTorch's LayerNorm runs one
+row per thread block, slow for rows of 64 (180 us forward for 120,000 rows on an H200,
+13 us of memory traffic; docs/performance_notes.md). Here a program normalises a tile of
+BLOCK_M rows: one kernel forward, one backward (input and residual gradients, and
+per-tile weight and bias sums, added up by PyTorch: deterministic).
+
+Only the row statistics (mean, 1/std) are stored; the backward pass recomputes h from x
+and the residual, and the dropout mask from the call's seed (Philox, `tl.rand`, drawn from
+PyTorch's CUDA generator, so CUDA graphs replay fresh masks). Float32 arithmetic for any
+input dtype. The masks differ from nn.Dropout's draws; the function is the same.
+
+`models.layers.dropout_add_layer_norm` dispatches here on the Triton backend and to
+nn.functional otherwise; tests/test_layer_norm.py compares the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE_ELEMENTS = 4096  # BLOCK_M x BLOCK_N per program
+
+
+@triton.jit
+def _dropped_sum(
+    x_ptr, res_ptr, seed_ptr, rows, cols, mask, N, s_x, s_res, p,
+    HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
+    """h = Dropout_p(x) + residual for a (BLOCK_M, BLOCK_N) tile, float32, and the mask."""
+    r64 = rows.to(tl.int64)[:, None]  # addresses in int64: M x N may pass 2**31
+    x = tl.load(x_ptr + r64 * s_x + cols[None, :], mask=mask, other=0.0)
+    h = x.to(tl.float32)
+    keep = mask
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        keep = tl.rand(seed, (rows * N)[:, None] + cols[None, :]) >= p
+        h = tl.where(keep, h / (1.0 - p), 0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + r64 * s_res + cols[None, :], mask=mask, other=0.0)
+        h += r.to(tl.float32)
+    return h, keep
+
+
+@triton.jit
+def _dropout_add_layer_norm_fwd(
+    x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, seed_ptr,
+    M, N, s_x, s_res, s_y, eps, p,
+    HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask_m, mask_n = rows < M, cols < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    h, _ = _dropped_sum(
+        x_ptr, res_ptr, seed_ptr, rows, cols, mask, N, s_x, s_res, p, HAS_RES, HAS_DROPOUT
+    )
+    mean = tl.sum(h, axis=1) / N
+    centred = tl.where(mask, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    tl.store(y_ptr + r64 * s_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=mask_m)
+    tl.store(rstd_ptr + rows, rstd, mask=mask_m)
+
+
+@triton.jit
+def _dropout_add_layer_norm_bwd(
+    x_ptr, res_ptr, w_ptr, dy_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, mean_ptr, rstd_ptr,
+    seed_ptr,
+    M, N, s_x, s_res, s_dy, s_dx, s_dres, p,
+    HAS_RES: tl.constexpr, STORE_DRES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask_m, mask_n = rows < M, cols < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    h, keep = _dropped_sum(
+        x_ptr, res_ptr, seed_ptr, rows, cols, mask, N, s_x, s_res, p, HAS_RES, HAS_DROPOUT
+    )
+    mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
+    x_hat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+    r64 = rows.to(tl.int64)[:, None]
+    dy = tl.load(dy_ptr + r64 * s_dy + cols[None, :], mask=mask, other=0.0)
+    dy = dy.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    # d/dh of the normalisation: (g - mean(g) - x_hat mean(g x_hat)) / std, g = dy * w
+    g = dy * w[None, :]
+    mean_g = tl.sum(g, axis=1) / N
+    mean_g_xhat = tl.sum(g * x_hat, axis=1) / N
+    dh = tl.where(mask, (g - mean_g[:, None] - x_hat * mean_g_xhat[:, None]) * rstd[:, None], 0.0)
+    if STORE_DRES:
+        dres = dh.to(dres_ptr.dtype.element_ty)
+        tl.store(dres_ptr + r64 * s_dres + cols[None, :], dres, mask=mask)
+    dx = dh
+    if HAS_DROPOUT:
+        dx = tl.where(keep, dh / (1.0 - p), 0.0)
+    tl.store(dx_ptr + r64 * s_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + tile * N + cols, tl.sum(dy * x_hat, axis=0), mask=mask_n)
+    tl.store(db_ptr + tile * N + cols, tl.sum(dy, axis=0), mask=mask_n)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit stride along N (a view where the layout allows)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _blocks(n: int) -> tuple[int, int]:
+    block_n = triton.next_power_of_2(n)
+    return max(1, TILE_ELEMENTS // block_n), block_n
+
+
+class DropoutAddLayerNorm(torch.autograd.Function):
+    """LayerNorm(Dropout_p(x) + residual) with weight and bias; `residual` may be None.
+    Output float32 under autocast (as nn.LayerNorm's), else the inputs' promoted dtype."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps: float, p: float):
+        shape, N = x.shape, x.shape[-1]
+        x2 = _rows(x)  # (M, N)
+        res2 = None if residual is None else _rows(residual)
+        M = x2.shape[0]
+        if M * N > 2**31 - 1:  # the dropout draws are indexed by int32 element offsets
+            raise ValueError(f"dropout_add_layer_norm: {M * N} elements, at most 2**31 - 1")
+        if residual is not None and res2.shape != x2.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(shape)}")
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.float32
+        else:
+            out_dtype = (
+                x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+            )
+        y = torch.empty((M, N), device=x.device, dtype=out_dtype)
+        mean = torch.empty(M, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        # one seed per call, from PyTorch's generator (captured and replayed by CUDA graphs)
+        seed = torch.randint(2**31 - 1, (1,), device=x.device) if p > 0 else None
+        block_m, block_n = _blocks(N)
+        _dropout_add_layer_norm_fwd[(triton.cdiv(M, block_m),)](
+            x2, res2, weight, bias, y, mean, rstd, seed,
+            M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0), eps, p,
+            HAS_RES=res2 is not None, HAS_DROPOUT=p > 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
+        ctx.save_for_backward(x2, res2, weight, mean, rstd, seed)
+        ctx.shape, ctx.p = shape, p
+        ctx.dtypes = (bias.dtype, None if residual is None else residual.dtype)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, res2, weight, mean, rstd, seed = ctx.saved_tensors
+        bias_dtype, res_dtype = ctx.dtypes
+        M, N = x2.shape
+        dy2 = _rows(dy)
+        dx = torch.empty_like(x2)
+        store_dres = res2 is not None and ctx.needs_input_grad[1]
+        dres = torch.empty((M, N), device=x2.device, dtype=res_dtype) if store_dres else None
+        block_m, block_n = _blocks(N)
+        tiles = triton.cdiv(M, block_m)
+        dw_tiles = torch.empty((tiles, N), device=x2.device, dtype=torch.float32)
+        db_tiles = torch.empty_like(dw_tiles)
+        _dropout_add_layer_norm_bwd[(tiles,)](
+            x2, res2, weight, dy2, dx, dres, dw_tiles, db_tiles, mean, rstd, seed,
+            M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), dy2.stride(0),
+            dx.stride(0), dres.stride(0) if store_dres else 0, ctx.p,
+            HAS_RES=res2 is not None, STORE_DRES=store_dres, HAS_DROPOUT=ctx.p > 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
+        dweight = dw_tiles.sum(0).to(weight.dtype)
+        dbias = db_tiles.sum(0).to(bias_dtype)
+        dres = dres.view(ctx.shape) if store_dres else None
+        return dx.view(ctx.shape), dres, dweight, dbias, None, None
