@@ -26,13 +26,13 @@ MAX_BLOCK_C = 64
 
 
 @triton.jit
-def _hardswish(v):
+def hardswish(v):
     return v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
 
 
 @triton.jit
-def _hardswish_grad(v):  # PyTorch's: 0 below -3, v / 3 + 1/2 up to 3 (inclusive), then 1
-    return tl.where(v < -3.0, 0.0, tl.where(v <= 3.0, v / 3.0 + 0.5, 1.0))
+def hardswish_grad(v):  # PyTorch's: 0 up to -3 (inclusive), v / 3 + 1/2 below 3, then 1
+    return tl.where(v <= -3.0, 0.0, tl.where(v < 3.0, v / 3.0 + 0.5, 1.0))
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _causal_conv_fwd(
     mask_c = offs_c < C
     pre = _conv_tile(x_ptr + b * s_x_b, w_ptr, b_ptr, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K)
     out = y_ptr + b * s_y_b + offs_l[:, None] * s_y_l + offs_c[None, :] * s_y_c
-    tl.store(out, _hardswish(pre), mask=(offs_l < L)[:, None] & mask_c[None, :])
+    tl.store(out, hardswish(pre), mask=(offs_l < L)[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def _causal_conv_bwd_g(
         mask=rows,
         other=0.0,
     ).to(tl.float32)
-    g = tl.where(rows, dy * _hardswish_grad(pre), 0.0)
+    g = tl.where(rows, dy * hardswish_grad(pre), 0.0)
     tl.store(g_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :], g, mask=rows)
     tile = b * tl.num_programs(1) + pid_l
     tl.store(db_ptr + tile * C + offs_c, tl.sum(g, axis=0), mask=mask_c)

@@ -7,14 +7,15 @@ TiM4Rec's post-norm residual connections (after each TiSSD block and each FFN) a
 embedding norm are this. In PyTorch each is a dropout, an add and nn.LayerNorm forward, and
 as many kernels backward, plus the weight and bias reductions; PyTorch's LayerNorm runs one
 row per thread block, slow for rows of 64 (180 us forward for 120,000 rows on an H200,
-13 us of memory traffic; docs/performance_notes.md). Here a program normalises a tile of
-BLOCK_M rows: one kernel forward, one backward (input and residual gradients, and
-per-tile weight and bias sums, added up by PyTorch: deterministic).
+13 us of memory traffic; docs/performance_notes.md). Here a program normalises four
+blocks of rows: one kernel forward, one backward (input and residual gradients, and
+per-program weight and bias sums, added up by PyTorch: deterministic).
 
 Only the row statistics (mean, 1/std) are stored; the backward pass recomputes h from x
-and the residual, and the dropout mask from the call's seed (Philox, `tl.rand`, drawn from
-PyTorch's CUDA generator, so CUDA graphs replay fresh masks). Float32 arithmetic for any
-input dtype. The masks differ from nn.Dropout's draws; the function is the same.
+and the residual, and the dropout mask from the call's seed (Philox, four draws per call
+with `tl.rand4x`; the seed comes from PyTorch's CUDA generator, so CUDA graphs replay fresh
+masks). Float32 arithmetic for any input dtype. The masks differ from nn.Dropout's draws;
+the function is the same.
 
 `models.layers.dropout_add_layer_norm` dispatches here on the Triton backend and to
 nn.functional otherwise; tests/test_layer_norm.py compares the two.
@@ -26,27 +27,55 @@ import torch
 import triton
 import triton.language as tl
 
-TILE_ELEMENTS = 4096  # BLOCK_M x BLOCK_N per program
+QUARTER_ELEMENTS = 2048  # rows x BLOCK_N of each of a program's four row blocks
+
+
+@triton.jit
+def _draws(
+    seed_ptr, pid, cols, QROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr
+):
+    """Uniform draws for the program's four row blocks, four per Philox call (`tl.rand4x`):
+    a draw per element would cost more than the memory traffic."""
+    if HAS_DROPOUT:
+        counters = (pid * QROWS + tl.arange(0, QROWS))[:, None] * BLOCK_N + cols[None, :]
+        r0, r1, r2, r3 = tl.rand4x(tl.load(seed_ptr).to(tl.uint32), counters)
+    else:
+        ones = tl.full([QROWS, BLOCK_N], 1.0, tl.float32)
+        r0, r1, r2, r3 = ones, ones, ones, ones
+    return r0, r1, r2, r3
 
 
 @triton.jit
 def _dropped_sum(
-    x_ptr, res_ptr, seed_ptr, rows, cols, mask, N, s_x, s_res, p,
+    x_ptr, res_ptr, r64, cols, mask, draw, s_x, s_res, p,
     HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """h = Dropout_p(x) + residual for a (BLOCK_M, BLOCK_N) tile, float32, and the mask."""
-    r64 = rows.to(tl.int64)[:, None]  # addresses in int64: M x N may pass 2**31
-    x = tl.load(x_ptr + r64 * s_x + cols[None, :], mask=mask, other=0.0)
-    h = x.to(tl.float32)
-    keep = mask
+    """h = Dropout_p(x) + residual for a block of rows (r64: row indices, int64), float32."""
+    h = tl.load(x_ptr + r64 * s_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr).to(tl.uint32)
-        keep = tl.rand(seed, (rows * N)[:, None] + cols[None, :]) >= p
-        h = tl.where(keep, h / (1.0 - p), 0.0)
+        h = tl.where(draw >= p, h / (1.0 - p), 0.0)
     if HAS_RES:
-        r = tl.load(res_ptr + r64 * s_res + cols[None, :], mask=mask, other=0.0)
-        h += r.to(tl.float32)
-    return h, keep
+        h += tl.load(res_ptr + r64 * s_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _fwd_rows(
+    x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, w, b, draw,
+    M, N, s_x, s_res, s_y, eps, p,
+    HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
+    mask_m = rows < M
+    mask = mask_m[:, None] & (cols < N)[None, :]
+    r64 = rows.to(tl.int64)[:, None]  # addresses in int64: M x N may pass 2**31
+    h = _dropped_sum(x_ptr, res_ptr, r64, cols, mask, draw, s_x, s_res, p, HAS_RES, HAS_DROPOUT)
+    mean = tl.sum(h, axis=1) / N
+    centred = tl.where(mask, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + r64 * s_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=mask_m)
+    tl.store(rstd_ptr + rows, rstd, mask=mask_m)
 
 
 @triton.jit
@@ -54,50 +83,48 @@ def _dropout_add_layer_norm_fwd(
     x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, seed_ptr,
     M, N, s_x, s_res, s_y, eps, p,
     HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    rows = pid * 4 * QROWS + tl.arange(0, QROWS)
     cols = tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rows < M, cols < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    h, _ = _dropped_sum(
-        x_ptr, res_ptr, seed_ptr, rows, cols, mask, N, s_x, s_res, p, HAS_RES, HAS_DROPOUT
-    )
-    mean = tl.sum(h, axis=1) / N
-    centred = tl.where(mask, h - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
-    w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-    y = centred * rstd[:, None] * w[None, :] + b[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    tl.store(y_ptr + r64 * s_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=mask_m)
-    tl.store(rstd_ptr + rows, rstd, mask=mask_m)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    r0, r1, r2, r3 = _draws(seed_ptr, pid, cols, QROWS, BLOCK_N, HAS_DROPOUT)
+    # four calls spelled out: constexprs packed into a tuple would stop being constexprs
+    _fwd_rows(
+        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, w, b, r0,
+        M, N, s_x, s_res, s_y, eps, p, HAS_RES, HAS_DROPOUT,
+    )  # fmt: skip
+    _fwd_rows(
+        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + QROWS, cols, w, b, r1,
+        M, N, s_x, s_res, s_y, eps, p, HAS_RES, HAS_DROPOUT,
+    )  # fmt: skip
+    _fwd_rows(
+        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + 2 * QROWS, cols, w, b, r2,
+        M, N, s_x, s_res, s_y, eps, p, HAS_RES, HAS_DROPOUT,
+    )  # fmt: skip
+    _fwd_rows(
+        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + 3 * QROWS, cols, w, b, r3,
+        M, N, s_x, s_res, s_y, eps, p, HAS_RES, HAS_DROPOUT,
+    )  # fmt: skip
 
 
 @triton.jit
-def _dropout_add_layer_norm_bwd(
-    x_ptr, res_ptr, w_ptr, dy_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, mean_ptr, rstd_ptr,
-    seed_ptr,
+def _bwd_rows(
+    x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows, cols, w, draw,
     M, N, s_x, s_res, s_dy, s_dx, s_dres, p,
     HAS_RES: tl.constexpr, STORE_DRES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rows < M, cols < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    h, keep = _dropped_sum(
-        x_ptr, res_ptr, seed_ptr, rows, cols, mask, N, s_x, s_res, p, HAS_RES, HAS_DROPOUT
-    )
+    """Input gradients of a block of rows; returns its weight and bias gradient sums."""
+    mask_m = rows < M
+    mask = mask_m[:, None] & (cols < N)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h = _dropped_sum(x_ptr, res_ptr, r64, cols, mask, draw, s_x, s_res, p, HAS_RES, HAS_DROPOUT)
     mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
     x_hat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
-    r64 = rows.to(tl.int64)[:, None]
-    dy = tl.load(dy_ptr + r64 * s_dy + cols[None, :], mask=mask, other=0.0)
-    dy = dy.to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + r64 * s_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # d/dh of the normalisation: (g - mean(g) - x_hat mean(g x_hat)) / std, g = dy * w
     g = dy * w[None, :]
     mean_g = tl.sum(g, axis=1) / N
@@ -108,10 +135,43 @@ def _dropout_add_layer_norm_bwd(
         tl.store(dres_ptr + r64 * s_dres + cols[None, :], dres, mask=mask)
     dx = dh
     if HAS_DROPOUT:
-        dx = tl.where(keep, dh / (1.0 - p), 0.0)
+        dx = tl.where(draw >= p, dh / (1.0 - p), 0.0)
     tl.store(dx_ptr + r64 * s_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_ptr + tile * N + cols, tl.sum(dy * x_hat, axis=0), mask=mask_n)
-    tl.store(db_ptr + tile * N + cols, tl.sum(dy, axis=0), mask=mask_n)
+    return tl.sum(dy * x_hat, axis=0), tl.sum(dy, axis=0)
+
+
+@triton.jit
+def _dropout_add_layer_norm_bwd(
+    x_ptr, res_ptr, w_ptr, dy_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, mean_ptr, rstd_ptr,
+    seed_ptr,
+    M, N, s_x, s_res, s_dy, s_dx, s_dres, p,
+    HAS_RES: tl.constexpr, STORE_DRES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * 4 * QROWS + tl.arange(0, QROWS)
+    cols = tl.arange(0, BLOCK_N)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    r0, r1, r2, r3 = _draws(seed_ptr, pid, cols, QROWS, BLOCK_N, HAS_DROPOUT)
+    # four calls spelled out: constexprs packed into a tuple would stop being constexprs
+    dw, db = _bwd_rows(
+        x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows, cols, w, r0,
+        M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
+    )  # fmt: skip
+    dw1, db1 = _bwd_rows(
+        x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows + QROWS, cols, w, r1,
+        M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
+    )  # fmt: skip
+    dw2, db2 = _bwd_rows(
+        x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows + 2 * QROWS, cols, w,
+        r2, M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
+    )  # fmt: skip
+    dw3, db3 = _bwd_rows(
+        x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows + 3 * QROWS, cols, w,
+        r3, M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
+    )  # fmt: skip
+    tl.store(dw_ptr + pid * N + cols, dw + dw1 + dw2 + dw3, mask=cols < N)
+    tl.store(db_ptr + pid * N + cols, db + db1 + db2 + db3, mask=cols < N)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -121,8 +181,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(n: int) -> tuple[int, int]:
+    """Rows per row block (a program has four) and the padded row length."""
     block_n = triton.next_power_of_2(n)
-    return max(1, TILE_ELEMENTS // block_n), block_n
+    return max(1, QUARTER_ELEMENTS // block_n), block_n
 
 
 class DropoutAddLayerNorm(torch.autograd.Function):
@@ -150,12 +211,12 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         # one seed per call, from PyTorch's generator (captured and replayed by CUDA graphs)
         seed = torch.randint(2**31 - 1, (1,), device=x.device) if p > 0 else None
-        block_m, block_n = _blocks(N)
-        _dropout_add_layer_norm_fwd[(triton.cdiv(M, block_m),)](
+        qrows, block_n = _blocks(N)
+        _dropout_add_layer_norm_fwd[(triton.cdiv(M, 4 * qrows),)](
             x2, res2, weight, bias, y, mean, rstd, seed,
             M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0), eps, p,
             HAS_RES=res2 is not None, HAS_DROPOUT=p > 0,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            QROWS=qrows, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
         ctx.save_for_backward(x2, res2, weight, mean, rstd, seed)
         ctx.shape, ctx.p = shape, p
@@ -171,8 +232,8 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         dx = torch.empty_like(x2)
         store_dres = res2 is not None and ctx.needs_input_grad[1]
         dres = torch.empty((M, N), device=x2.device, dtype=res_dtype) if store_dres else None
-        block_m, block_n = _blocks(N)
-        tiles = triton.cdiv(M, block_m)
+        qrows, block_n = _blocks(N)
+        tiles = triton.cdiv(M, 4 * qrows)
         dw_tiles = torch.empty((tiles, N), device=x2.device, dtype=torch.float32)
         db_tiles = torch.empty_like(dw_tiles)
         _dropout_add_layer_norm_bwd[(tiles,)](
@@ -180,7 +241,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
             M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), dy2.stride(0),
             dx.stride(0), dres.stride(0) if store_dres else 0, ctx.p,
             HAS_RES=res2 is not None, STORE_DRES=store_dres, HAS_DROPOUT=ctx.p > 0,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            QROWS=qrows, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
         dweight = dw_tiles.sum(0).to(weight.dtype)
         dbias = db_tiles.sum(0).to(bias_dtype)

@@ -29,6 +29,17 @@ def dropout_add_layer_norm(
     return F.layer_norm(h if residual is None else h + residual, weight.shape, weight, bias, eps)
 
 
+def hardswish_dropout(x: torch.Tensor, dropout_p: float, backend: str = "torch") -> torch.Tensor:
+    """Dropout(Hardswish(x)) (`dropout_p` 0 in evaluation): one fused elementwise kernel
+    each way on the Triton backend (models/hardswish_dropout_triton.py)."""
+    if resolve_backend(backend, x.device) == "triton":
+        from models.hardswish_dropout_triton import HardswishDropout
+
+        return HardswishDropout.apply(x, dropout_p)
+    y = F.hardswish(x)
+    return F.dropout(y, dropout_p) if dropout_p > 0 else y
+
+
 class DropoutAddLayerNorm(nn.LayerNorm):
     """The post-norm residual connection LayerNorm(Dropout(x) + residual) (`residual` may
     be None) as one op (`dropout_add_layer_norm`); an nn.LayerNorm for its parameters."""
@@ -51,8 +62,8 @@ class FeedForward(nn.Module):
     """Position-wise FFN with a post-LayerNorm residual (TiM4Rec, Mamba4Rec, LRURec).
 
     out = LayerNorm(Dropout(W2 Dropout(act(W1 x))) + x), W1: d -> 4d, W2: 4d -> d.
-    On the Triton backend (`backend` "triton", or "auto" on CUDA) the residual norm runs
-    as fused kernels (`dropout_add_layer_norm`).
+    On the Triton backend (`backend` "triton", or "auto" on CUDA) the residual norm and a
+    Hardswish activation with its dropout run as fused kernels.
     """
 
     def __init__(
@@ -69,10 +80,16 @@ class FeedForward(nn.Module):
         self.activation = activation
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = DropoutAddLayerNorm(d_model, dropout, eps=eps, backend=backend)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, L, d)
-        hidden = self.w_2(self.dropout(self.activation(self.w_1(x))))
-        return self.layer_norm(hidden, x)
+        hidden = self.w_1(x)  # (B, L, 4d)
+        if isinstance(self.activation, nn.Hardswish):
+            p = self.dropout.p if self.training else 0.0
+            hidden = hardswish_dropout(hidden, p, self.backend)
+        else:
+            hidden = self.dropout(self.activation(hidden))
+        return self.layer_norm(self.w_2(hidden), x)
 
 
 class LowerTriangularLinear(nn.Linear):

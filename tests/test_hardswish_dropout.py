@@ -1,0 +1,115 @@
+"""The fused Dropout(Hardswish(x)) kernels against nn.functional in float64: output and
+input gradient, with and without dropout (the kernel's mask read off its output).
+
+On CUDA (marked gpu) and, where Triton is installed, on CPU through its interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_in_triton_interpreter
+
+from models.layers import hardswish_dropout
+
+# (shape, dropout p, layout): one ragged block; several blocks; a transposed input (made
+# contiguous by the op); dropout.
+CASES = [
+    ((3, 7, 5), 0.0, "contiguous"),
+    ((4, 50, 256), 0.0, "contiguous"),
+    ((6, 40), 0.0, "transposed"),
+    ((4, 50, 256), 0.3, "contiguous"),
+    ((9000,), 0.5, "contiguous"),
+]
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got = got.detach().cpu().double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.float32) -> dict:
+    """Relative errors of the kernels (in `dtype`) against float64."""
+    from models.hardswish_dropout_triton import HardswishDropout
+
+    shape, p, layout = case
+    gen = torch.Generator().manual_seed(seed)
+    x = (4 * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype).double()
+    x.view(-1)[:4] = torch.tensor([-3.0, 3.0, 0.0, -2.0])  # the gradient's break points
+    grad = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    fast_x = x.to(device=device, dtype=dtype)
+    if layout == "transposed":
+        fast_x = fast_x.T.contiguous().T
+    fast_x.requires_grad_()
+    y = HardswishDropout.apply(fast_x, p)
+    assert y.shape == x.shape and y.dtype == dtype
+    (dx,) = torch.autograd.grad(y, fast_x, grad.to(device=device, dtype=dtype))
+
+    # dropped: zero output and zero gradient (at x <= -3 both are zero, kept or not)
+    flat = x <= -3
+    keep = (y.detach().cpu() != 0) | (dx.cpu() != 0) | flat
+    if p > 0:
+        rate = keep[~flat].double().mean().item()
+        n = int((~flat).sum())
+        assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, rate
+    ref = x.clone().requires_grad_()
+    y_ref = F.hardswish(ref) * keep / (1 - p)
+    (dx_ref,) = torch.autograd.grad(y_ref, ref, grad)
+    return {"y": _relative_error(y, y_ref.detach()), "dx": _relative_error(dx, dx_ref)}
+
+
+def test_torch_backend_is_hardswish_then_dropout():
+    """On the torch backend the op is the unfused composition, bit for bit (same RNG use)."""
+    x = torch.randn(5, 9, 32)
+    torch.manual_seed(3)
+    got = hardswish_dropout(x, 0.2)
+    torch.manual_seed(3)
+    assert torch.equal(got, F.dropout(F.hardswish(x), 0.2))
+    assert torch.equal(hardswish_dropout(x, 0.0), F.hardswish(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_fused_hardswish_dropout_matches_reference_on_gpu(case):
+    errors = check_against_reference("cuda", case, seed=len(case[0]) + int(10 * case[1]))
+    print(
+        f"\n[gpu] hardswish dropout {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    )
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.gpu
+def test_fused_hardswish_dropout_in_bf16_rounds_only_its_results():
+    errors = check_against_reference("cuda", CASES[3], seed=1, dtype=torch.bfloat16)
+    assert max(errors.values()) < 1e-2, errors
+
+
+@pytest.mark.gpu
+def test_fused_hardswish_dropout_masks_on_gpu():
+    """Calls draw fresh masks, a seed repeats them, and CUDA graph replays draw fresh ones."""
+    x = torch.randn(4096, device="cuda") + 5  # Hardswish(x) > 0: zeros are dropped elements
+    torch.manual_seed(0)
+    first, second = hardswish_dropout(x, 0.5, "triton"), hardswish_dropout(x, 0.5, "triton")
+    torch.manual_seed(0)
+    assert torch.equal(first, hardswish_dropout(x, 0.5, "triton"))
+    assert not torch.equal(first, second)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = hardswish_dropout(x, 0.5, "triton")
+    graph.replay()
+    replayed = y.clone()
+    graph.replay()
+    assert not torch.equal(replayed, y)
+
+
+def test_fused_hardswish_dropout_in_interpreter():
+    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    code = (
+        "from tests.test_hardswish_dropout import CASES, check_against_reference\n"
+        "for i, case in enumerate(CASES):\n"
+        "    errors = check_against_reference('cpu', case, seed=i)\n"
+        "    assert max(errors.values()) < 1e-6, (case, errors)\n"
+        "print('ok')\n"
+    )
+    run_in_triton_interpreter(code)
