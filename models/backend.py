@@ -2,8 +2,8 @@
 
 One switch (the config key `ssd_backend`) for every op that has both: mamba-ssm's SSD scan
 and gated norm, and this project's fused kernels (models/causal_conv_triton.py,
-models/layer_norm_triton.py). ``"auto"`` takes Triton on CUDA tensors when mamba-ssm's
-Triton kernels import, PyTorch otherwise.
+models/layer_norm_triton.py, models/hardswish_dropout_triton.py). ``"auto"`` takes Triton
+on CUDA tensors when mamba-ssm's Triton kernels import, PyTorch otherwise.
 
 mamba-ssm installed with ``MAMBA_SKIP_CUDA_BUILD=TRUE`` has no compiled
 ``selective_scan_cuda``, and its package ``__init__`` imports it; `import_mamba_triton`
