@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from models.causal_conv_triton import hardswish, hardswish_grad
+from models.triton_dropout import check_elements, dropout_seed
 
 QUARTER = 1024  # a program handles 4 quarters of this many elements
-MAX_ELEMENTS = 2**31 - 1  # int32 element offsets
 
 
 @triton.jit
@@ -91,11 +91,9 @@ class HardswishDropout(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         x = x.contiguous()
         n = x.numel()
-        if n > MAX_ELEMENTS:
-            raise ValueError(f"hardswish_dropout: {n} elements, at most 2**31 - 1; split the batch")
+        check_elements(n, "hardswish_dropout")
         y = torch.empty_like(x)
-        # one seed per call, from PyTorch's generator (captured and replayed by CUDA graphs)
-        seed = torch.randint(2**31 - 1, (1,), device=x.device) if p > 0 else None
+        seed = dropout_seed(p, x.device)
         grid = (triton.cdiv(n, 4 * QUARTER),)
         _hardswish_dropout_fwd[grid](x, y, seed, n, p, HAS_DROPOUT=p > 0, QUARTER=QUARTER)
         ctx.save_for_backward(x, seed)

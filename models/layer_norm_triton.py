@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_dropout import check_elements, dropout_seed
+
 QUARTER_ELEMENTS = 2048  # rows x BLOCK_N of each of a program's four row blocks
 
 
@@ -196,8 +198,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         x2 = _rows(x)  # (M, N)
         res2 = None if residual is None else _rows(residual)
         M = x2.shape[0]
-        if M * N > 2**31 - 1:  # the dropout draws are indexed by int32 element offsets
-            raise ValueError(f"dropout_add_layer_norm: {M * N} elements, at most 2**31 - 1")
+        check_elements(M * N, "dropout_add_layer_norm")
         if residual is not None and res2.shape != x2.shape:
             raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(shape)}")
         if torch.is_autocast_enabled(x.device.type):
@@ -209,8 +210,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         y = torch.empty((M, N), device=x.device, dtype=out_dtype)
         mean = torch.empty(M, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        # one seed per call, from PyTorch's generator (captured and replayed by CUDA graphs)
-        seed = torch.randint(2**31 - 1, (1,), device=x.device) if p > 0 else None
+        seed = dropout_seed(p, x.device)
         qrows, block_n = _blocks(N)
         _dropout_add_layer_norm_fwd[(triton.cdiv(M, 4 * qrows),)](
             x2, res2, weight, bias, y, mean, rstd, seed,

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from models.backend import resolve_backend
 
 
+def _runs_triton(backend: str, device: torch.device) -> bool:
+    # "torch" (the default of models without ssd_backend) needs no resolution, nor its log line
+    return backend != "torch" and resolve_backend(backend, device) == "triton"
+
+
 def dropout_add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -21,7 +26,7 @@ def dropout_add_layer_norm(
     """LayerNorm(Dropout(x) + residual) over the last axis (`residual` may be None;
     `dropout_p` 0 in evaluation): one fused kernel each way on the Triton backend
     (models/layer_norm_triton.py), nn.functional otherwise."""
-    if backend != "torch" and resolve_backend(backend, x.device) == "triton":
+    if _runs_triton(backend, x.device):
         from models.layer_norm_triton import DropoutAddLayerNorm as Fused
 
         return Fused.apply(x, residual, weight, bias, eps, dropout_p)
@@ -32,7 +37,7 @@ def dropout_add_layer_norm(
 def hardswish_dropout(x: torch.Tensor, dropout_p: float, backend: str = "torch") -> torch.Tensor:
     """Dropout(Hardswish(x)) (`dropout_p` 0 in evaluation): one fused elementwise kernel
     each way on the Triton backend (models/hardswish_dropout_triton.py)."""
-    if backend != "torch" and resolve_backend(backend, x.device) == "triton":
+    if _runs_triton(backend, x.device):
         from models.hardswish_dropout_triton import HardswishDropout
 
         return HardswishDropout.apply(x, dropout_p)

@@ -97,6 +97,14 @@ def test_fused_layer_norm_masks_on_gpu():
     assert torch.allclose(norm(x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_dropout_kernels_refuse_tensors_past_their_int32_draw_index():
+    from models.triton_dropout import MAX_ELEMENTS, check_elements
+
+    check_elements(MAX_ELEMENTS, "op")
+    with pytest.raises(ValueError, match=f"op: {MAX_ELEMENTS + 1} elements"):
+        check_elements(MAX_ELEMENTS + 1, "op")
+
+
 def test_torch_backend_is_dropout_add_then_layer_norm():
     """On the torch backend the op is the unfused composition, bit for bit (same RNG use)."""
     norm = DropoutAddLayerNorm(16, dropout=0.3, eps=1e-12)
