@@ -2,8 +2,10 @@
 
 Two implementations of one function, behind one dispatch (`ssd_scan`, `rmsnorm_gated`):
 
-- ``"triton"``: mamba-ssm's Triton kernels (`mamba_chunk_scan_combined`, `rmsnorm_fn`), on
-  CUDA tensors (models/backend.py chooses, and imports them).
+- ``"triton"``: Triton kernels on CUDA tensors (models/backend.py chooses): this
+  project's (`ssd_kernel: fused`: the one-kernel-each-way SSD of models/ssd_triton.py, the
+  row-tiled gated norm of models/gated_norm_triton.py) or mamba-ssm's
+  (`ssd_kernel: mamba`: `mamba_chunk_scan_combined`, `rmsnorm_fn`).
 - ``"torch"``: the chunked algorithm in plain PyTorch (`ssd_chunked`), for CPUs, for
   machines without mamba-ssm, and as the reference the kernels are tested against.
 
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 
 from models.backend import BACKENDS, import_mamba_triton, resolve_backend
 from models.layers import LowerTriangularLinear, PrefixLayerNorm
+
+SSD_KERNELS = ("fused", "mamba")  # the Triton backend's scan and gated norm: ours, mamba-ssm's
 
 # --------------------------------------------------------------------------------------
 # PyTorch reference implementations
@@ -185,9 +189,19 @@ def ssd_scan(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = True,
     backend: str = "auto",
+    kernel: str = "fused",
 ) -> torch.Tensor:
-    """SSD scan, (B, L, H, P) -> (B, L, H, P), on the backend chosen for `x.device`."""
+    """SSD scan, (B, L, H, P) -> (B, L, H, P), on the backend chosen for `x.device`; on
+    the Triton backend, `kernel` picks the fused kernel or mamba-ssm's (SSD_KERNELS)."""
+    if kernel not in SSD_KERNELS:
+        raise ValueError(f"ssd_kernel must be one of {SSD_KERNELS}, got {kernel!r}")
     if resolve_backend(backend, x.device) == "triton":
+        if kernel == "fused":
+            from models.ssd_triton import fused_ssd
+
+            return fused_ssd(
+                x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus
+            )
         mamba_chunk_scan_combined, _ = import_mamba_triton()
         return mamba_chunk_scan_combined(
             x,
@@ -204,10 +218,22 @@ def ssd_scan(
 
 
 def rmsnorm_gated(
-    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    backend: str = "auto",
+    kernel: str = "fused",
 ) -> torch.Tensor:
-    """Gated RMSNorm over the last axis (gate before norm), on the chosen backend."""
+    """Gated RMSNorm over the last axis (gate before norm), on the chosen backend; on the
+    Triton backend `kernel` picks this project's row-tiled kernel or mamba-ssm's."""
+    if kernel not in SSD_KERNELS:
+        raise ValueError(f"ssd_kernel must be one of {SSD_KERNELS}, got {kernel!r}")
     if resolve_backend(backend, x.device) == "triton":
+        if kernel == "fused":
+            from models.gated_norm_triton import gated_rms_norm
+
+            return gated_rms_norm(x, z, weight, eps)
         _, rmsnorm_fn = import_mamba_triton()
         return rmsnorm_fn(x, weight, None, z=z, eps=eps, norm_before_gate=False)
     return rmsnorm_gated_reference(x, z, weight, eps)
@@ -276,6 +302,7 @@ class TiSSDBlock(nn.Module):
         time_drop_out: float = 0.0,
         causal_time: bool = False,
         backend: str = "auto",
+        ssd_kernel: str = "fused",
     ) -> None:
         super().__init__()
         self.d_inner = expand * d_model
@@ -292,6 +319,9 @@ class TiSSDBlock(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"ssd_backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        if ssd_kernel not in SSD_KERNELS:
+            raise ValueError(f"ssd_kernel must be one of {SSD_KERNELS}, got {ssd_kernel!r}")
+        self.ssd_kernel = ssd_kernel
 
         # [z | xBC | dt]: gate, conv input (x, B, C with one group), per-head step size
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads)
@@ -356,6 +386,7 @@ class TiSSDBlock(nn.Module):
             dt_bias=self.dt_bias,
             dt_softplus=True,
             backend=self.backend,
+            kernel=self.ssd_kernel,
         )  # (B, L, H, P)
         y = rmsnorm_gated(
             y.reshape(batch, seqlen, self.d_inner),
@@ -363,6 +394,7 @@ class TiSSDBlock(nn.Module):
             self.norm_weight,
             self.norm_eps,
             backend=self.backend,
+            kernel=self.ssd_kernel,
         )
         out = self.out_proj(y)  # (B, L, d)
 

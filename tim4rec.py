@@ -126,6 +126,7 @@ class TiM4Rec(SequentialRecommender):
             time_drop_out=config["time_drop_out"],
             causal_time=self.is_time and config["time_encoding"] == "causal",
             backend=config["ssd_backend"],
+            ssd_kernel=config["ssd_kernel"] or "fused",  # absent from older checkpoints
         )
         self.layers = nn.ModuleList(
             TiSSDLayer(

@@ -51,6 +51,7 @@ from pipeline.registry import SSD_MODELS, get_model_class, model_names
 from pipeline.sequence_batches import ALL_POSITIONS, make_train_loader
 from pipeline.trainer import ProjectTrainer
 from pipeline.validate import validate_config
+from ssd import SSD_KERNELS
 
 # models with a torch/triton choice, and the config key that makes it
 BACKEND_KEYS = {"TiM4Rec": "ssd_backend", "SSD4Rec": "ssd_backend", "Mamba4Rec": "mamba_backend"}
@@ -196,17 +197,20 @@ def locate_beauty(data_file: str | None) -> Path:
 
 @dataclass(frozen=True)
 class Variant:
-    """One table row: a model, its SSD backend (SSD models only), a precision and a
-    training mode (SSD models only: None or a key of MODES)."""
+    """One table row: a model, its SSD backend (SSD models only), a precision, a training
+    mode (SSD models only: None or a key of MODES) and the Triton backend's SSD scan (SSD
+    models only: None for the configured one, or one of ssd.SSD_KERNELS)."""
 
     model: str
     backend: str | None
     precision: str
     mode: str | None = None
+    kernel: str | None = None
 
     @property
     def label(self) -> str:
-        return ":".join(p for p in (self.model, self.backend, self.precision, self.mode) if p)
+        parts = (self.model, self.backend, self.precision, self.mode, self.kernel)
+        return ":".join(p for p in parts if p)
 
     @property
     def all_positions(self) -> bool:
@@ -226,7 +230,8 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
 
     `TiM4Rec` expands to every available SSD backend x {fp32, bf16}; `SSD4Rec` to the best
     backend in fp32; other models to fp32. `Name:opt[:opt]` picks one row (opts:
-    torch/triton, fp32/bf16, and for the SSD models the training mode device/all/graph).
+    torch/triton, fp32/bf16, and for the SSD models the training mode device/all/graph and
+    the SSD scan fused/mamba).
     `all` (the default on CUDA): every registered model, the issue's four first, TiM4Rec's
     all-positions rows and slower backend after them; `core` (the default on CPU): only
     TiM4Rec (with its all-positions rows), SSD4Rec, SASRec and Mamba4Rec.
@@ -255,18 +260,21 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
             raise BenchmarkError(
                 f"unknown model {name!r} in --models; choose from {', '.join(names)}"
             )
-        unknown = [o for o in options if o not in BACKENDS + PRECISIONS + tuple(MODES)]
+        known = BACKENDS + PRECISIONS + tuple(MODES) + SSD_KERNELS
+        unknown = [o for o in options if o not in known]
         if unknown:
             raise BenchmarkError(
                 f"--models {token!r}: unknown option {unknown[0]!r}; use torch/triton, "
-                "fp32/bf16, device/all/graph"
+                "fp32/bf16, device/all/graph, fused/mamba"
             )
         backend = next((o for o in options if o in BACKENDS), None)
         precision = next((o for o in options if o in PRECISIONS), None)
         mode = next((o for o in options if o in MODES), None)
-        if mode and name not in SSD_MODELS:
+        kernel = next((o for o in options if o in SSD_KERNELS), None)
+        if (mode or kernel) and name not in SSD_MODELS:
             raise BenchmarkError(
-                f"--models {token!r}: the training modes device/all/graph are for {', '.join(SSD_MODELS)}"
+                f"--models {token!r}: the training modes device/all/graph and the SSD scans "
+                f"fused/mamba are for {', '.join(SSD_MODELS)}"
             )
         if backend and name not in BACKEND_KEYS:
             raise BenchmarkError(
@@ -278,7 +286,9 @@ def parse_models(text: str | None, device: torch.device) -> list[Variant]:
                 f"{device.type} (available: {', '.join(backends)}); triton needs CUDA and "
                 "mamba-ssm's Triton kernels"
             )
-        rows.extend(replace(v, mode=mode) for v in expand(name, backend, precision, backends))
+        rows.extend(
+            replace(v, mode=mode, kernel=kernel) for v in expand(name, backend, precision, backends)
+        )
     if not rows:
         raise BenchmarkError("--models names no model")
     return rows
@@ -467,6 +477,7 @@ class Benchmark:
     def run_variant(self, variant: Variant, rows_left: int) -> None:
         row: dict = {"model": variant.model, "backend": variant.backend,
                      "precision": variant.precision, "mode": variant.mode,
+                     "ssd_kernel": variant.kernel,
                      "status": "running", "errors": {}}  # fmt: skip
         self.result["rows"].append(row)
         if self.remaining() <= 0:
@@ -514,6 +525,8 @@ class Benchmark:
     def build(self, variant: Variant, row: dict) -> dict:
         extra = {BACKEND_KEYS[variant.model]: variant.backend} if variant.backend else {}
         extra.update(MODES.get(variant.mode, {}))  # SSD4Rec ignores the time encoding keys
+        if variant.kernel:
+            extra["ssd_kernel"] = variant.kernel
         if variant.mode == "graph":  # the graphed loss applies the config's precision itself
             extra["precision"] = variant.precision
         model_class, config = self.config(variant.model, extra)

@@ -124,7 +124,10 @@ def row_cells(row: dict, repeat: int) -> list[str]:
     """One table row; a failed or skipped variant says why in its first free cell."""
     mode = {"device": " (device loader)", "all": " (all positions)",
             "graph": " (all positions, CUDA graphs)"}.get(row.get("mode") or "", "")  # fmt: skip
-    cells = [row["model"] + mode, row.get("backend") or "-", row["precision"]]
+    backend = row.get("backend") or "-"
+    if row.get("ssd_kernel"):  # a row that names the Triton backend's SSD scan
+        backend += f" ({row['ssd_kernel']} scan)"
+    cells = [row["model"] + mode, backend, row["precision"]]
     step = row.get("step_ms")
     spread = row.get("step_ms_spread")
     step_text = fmt(step, 2 if step is not None and step < 10 else 1)

@@ -151,7 +151,8 @@ def configure_determinism(config) -> None:
     deterministic kernels (warning, not failing, on ops that have none), fixes the cuBLAS
     workspace, turns off cuDNN autotuning, and asks mamba-ssm for its deterministic SSD
     backward where the installed version has one; older versions accumulate some gradients
-    with atomic adds, so use `ssd_backend: torch` there for exact GPU repeats.
+    with atomic adds, so use `ssd_backend: torch` there for exact GPU repeats (the default
+    fused SSD kernel, `ssd_kernel: fused`, has no atomics).
     """
     if not config["deterministic"]:
         return
@@ -160,8 +161,10 @@ def configure_determinism(config) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    uses_triton = config["ssd_backend"] not in (None, "torch")
-    if torch.cuda.is_available() and uses_triton and not mamba_has_deterministic_mode():
+    uses_mamba_scan = config["ssd_backend"] not in (None, "torch") and (
+        config["ssd_kernel"] == "mamba"
+    )
+    if torch.cuda.is_available() and uses_mamba_scan and not mamba_has_deterministic_mode():
         getLogger().warning(
             "deterministic: True, but the installed mamba-ssm's Triton SSD backward uses "
             "atomic adds, so GPU runs may still differ in the last bits; set "

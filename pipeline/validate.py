@@ -66,6 +66,7 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "is_time": (bool,),
     "time_encoding": (str,),
     "ssd_backend": (str,),
+    "ssd_kernel": (str,),
     "triton_autotune": (str,),
     "MAX_ITEM_LIST_LENGTH": (int,),
     "train_batch_size": (int,),
@@ -213,11 +214,13 @@ def choice_keys() -> dict[str, tuple[str, ...]]:
     from models.backend import BACKENDS
     from models.triton_autotune import AUTOTUNE_MODES
     from pipeline.sequence_batches import TRAIN_LOADERS, TRAIN_POSITIONS  # they import us
+    from ssd import SSD_KERNELS
     from tim4rec import TIME_ENCODINGS
 
     return {
         "time_encoding": TIME_ENCODINGS,
         "ssd_backend": BACKENDS,
+        "ssd_kernel": SSD_KERNELS,
         "triton_autotune": AUTOTUNE_MODES,
         "train_loader": TRAIN_LOADERS,
         "train_positions": TRAIN_POSITIONS,

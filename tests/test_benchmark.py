@@ -213,7 +213,8 @@ def test_models_option():
         "SSD4Rec:torch:fp32:device",
     ]
     for text, message in [
-        ("SASRec:all", "training modes device/all/graph are for"),
+        ("SASRec:all", "training modes device/all/graph and the SSD scans fused/mamba are for"),
+        ("SASRec:mamba", "SSD scans fused/mamba are for"),
         ("Nope", "unknown model"),
         ("TiM4Rec:triton", "not available on cpu"),
         ("SASRec:torch", "torch/triton backends"),

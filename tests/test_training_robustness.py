@@ -275,9 +275,9 @@ def restore_determinism():
 def test_deterministic_mode_sets_torch_and_cublas(restore_determinism, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     torch.use_deterministic_algorithms(False)
-    configure_determinism({"deterministic": False, "ssd_backend": "auto"})
+    configure_determinism({"deterministic": False, "ssd_backend": "auto", "ssd_kernel": "fused"})
     assert not torch.are_deterministic_algorithms_enabled()
-    configure_determinism({"deterministic": True, "ssd_backend": "auto"})
+    configure_determinism({"deterministic": True, "ssd_backend": "auto", "ssd_kernel": "fused"})
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.is_deterministic_algorithms_warn_only_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

@@ -89,3 +89,43 @@ def test_causal_conv_kernels_compile(dtype):
         k._causal_conv_bwd_dx, g_ptr=F32, w_ptr=F32, dx_ptr=dtype,
         s_dx_b=200 * 320, s_dx_l=320, s_dx_c=1, **common,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(
+    "shape", [(50, 32, 32, 32), (200, 32, 32, 32), (200, 32, 128, 64), (10, 4, 8, 4)]
+)
+def test_fused_ssd_kernels_compile(dtype, shape):
+    from models import ssd_triton as k
+
+    L, Q, P, N = shape
+    H = 4
+    common = dict(
+        x_ptr=dtype, dt_ptr=F32, a_ptr=F32, b_ptr=dtype, c_ptr=dtype, d_ptr=F32, dtb_ptr=F32,
+        L=L, H=H, s_xb=L * 324, s_xl=324, s_xh=P, s_dtb=L * H, s_dtl=H, s_dth=1,
+        s_bb=L * 324, s_bl=324, s_cb=L * 324, s_cl=324, NCHUNKS=-(-L // Q), HAS_D=True,
+        HAS_DTB=True, DT_SOFTPLUS=True, **k._blocks(Q, P, N),
+    )  # fmt: skip
+    compile_for_sm90(
+        k._ssd_fwd, y_ptr=dtype, states_ptr=F32, s_yb=L * H * P, s_yl=H * P, s_yh=P, **common
+    )
+    compile_for_sm90(
+        k._ssd_bwd, dy_ptr=dtype, states_ptr=F32, dx_ptr=dtype, ddt_ptr=F32, db_ptr=F32,
+        dc_ptr=F32, dsum_ptr=F32, s_dyb=L * H * P, s_dyl=H * P, s_dyh=P, **common,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("N", [128, 48])
+def test_gated_norm_kernels_compile(dtype, N):
+    from models import gated_norm_triton as k
+
+    common = dict(M=1000, N=N, s_x=N, s_z=324, ROWS=k.ROWS, BLOCK_N=triton.next_power_of_2(N))
+    compile_for_sm90(
+        k._gated_rms_norm_fwd, x_ptr=dtype, z_ptr=dtype, w_ptr=F32, y_ptr=dtype, rstd_ptr=F32,
+        s_y=N, eps=1e-5, **common,
+    )  # fmt: skip
+    compile_for_sm90(
+        k._gated_rms_norm_bwd, x_ptr=dtype, z_ptr=dtype, w_ptr=F32, dy_ptr=dtype, rstd_ptr=F32,
+        dx_ptr=dtype, dz_ptr=dtype, dw_ptr=F32, s_dy=N, s_dx=N, s_dz=N, **common,
+    )  # fmt: skip
