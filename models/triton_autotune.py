@@ -66,7 +66,9 @@ PINNED: dict[str, list[tuple[dict, int, int]]] = {
     "ssd_state_passing._state_passing_fwd_kernel": [({"BLOCK_SIZE": 512}, 4, 3)],
 }
 
-_full_configs: dict[int, list] = {}  # id(autotuner) -> its original list, to restore
+# Each pinned kernel keeps its original list in this attribute, to restore. (On the object,
+# not in a dict keyed by id(): ids of collected objects are reused.)
+FULL_CONFIGS_ATTR = "_tim4rec_full_configs"
 
 
 def autotuners() -> dict[str, object]:
@@ -104,7 +106,10 @@ def pin(kernels: Mapping[str, object], table: Mapping[str, list] | None = None) 
         wanted = table.get(name)
         if not wanted:
             continue
-        full = _full_configs.setdefault(id(kernel), list(kernel.configs))
+        full = getattr(kernel, FULL_CONFIGS_ATTR, None)
+        if full is None:
+            full = list(kernel.configs)
+            setattr(kernel, FULL_CONFIGS_ATTR, full)
         keep = {(tuple(sorted(kw.items())), warps, stages) for kw, warps, stages in wanted}
         kept = [c for c in full if _signature(c) in keep]
         if len(kept) != len(keep):
@@ -124,8 +129,9 @@ def pin(kernels: Mapping[str, object], table: Mapping[str, list] | None = None) 
 def unpin(kernels: Mapping[str, object]) -> None:
     """Give every kernel back its full list of configurations."""
     for kernel in kernels.values():
-        if id(kernel) in _full_configs:
-            kernel.configs = _full_configs[id(kernel)]
+        full = getattr(kernel, FULL_CONFIGS_ATTR, None)
+        if full is not None:
+            kernel.configs = full
 
 
 def check_mode(mode: str) -> None:
