@@ -34,6 +34,13 @@ from models.layers import LowerTriangularLinear, PrefixLayerNorm
 
 SSD_KERNELS = ("fused", "mamba")  # the Triton backend's scan and gated norm: ours, mamba-ssm's
 
+
+def check_ssd_kernel(kernel: str) -> str:
+    if kernel not in SSD_KERNELS:
+        raise ValueError(f"ssd_kernel must be one of {SSD_KERNELS}, got {kernel!r}")
+    return kernel
+
+
 # --------------------------------------------------------------------------------------
 # PyTorch reference implementations
 # --------------------------------------------------------------------------------------
@@ -193,8 +200,7 @@ def ssd_scan(
 ) -> torch.Tensor:
     """SSD scan, (B, L, H, P) -> (B, L, H, P), on the backend chosen for `x.device`; on
     the Triton backend, `kernel` picks the fused kernel or mamba-ssm's (SSD_KERNELS)."""
-    if kernel not in SSD_KERNELS:
-        raise ValueError(f"ssd_kernel must be one of {SSD_KERNELS}, got {kernel!r}")
+    check_ssd_kernel(kernel)
     if resolve_backend(backend, x.device) == "triton":
         if kernel == "fused":
             from models.ssd_triton import fused_ssd
@@ -227,8 +233,7 @@ def rmsnorm_gated(
 ) -> torch.Tensor:
     """Gated RMSNorm over the last axis (gate before norm), on the chosen backend; on the
     Triton backend `kernel` picks this project's row-tiled kernel or mamba-ssm's."""
-    if kernel not in SSD_KERNELS:
-        raise ValueError(f"ssd_kernel must be one of {SSD_KERNELS}, got {kernel!r}")
+    check_ssd_kernel(kernel)
     if resolve_backend(backend, x.device) == "triton":
         if kernel == "fused":
             from models.gated_norm_triton import gated_rms_norm
@@ -319,9 +324,7 @@ class TiSSDBlock(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"ssd_backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        if ssd_kernel not in SSD_KERNELS:
-            raise ValueError(f"ssd_kernel must be one of {SSD_KERNELS}, got {ssd_kernel!r}")
-        self.ssd_kernel = ssd_kernel
+        self.ssd_kernel = check_ssd_kernel(ssd_kernel)
 
         # [z | xBC | dt]: gate, conv input (x, B, C with one group), per-head step size
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads)

@@ -79,6 +79,21 @@ def ml100k_slice(tmp_path_factory) -> Path:
     return write_slice(folder, "ml-slice", BUNDLED["ml-100k"] / "ml-100k.inter", n_users=150)
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want| (Frobenius norms), `got` from any device and dtype, `want`
+    the float64 reference: how the kernel tests measure error."""
+    got = got.detach().cpu().double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def needs_triton_kernels() -> None:
+    """Skip a CUDA test where mamba-ssm's Triton kernels (the Triton backend) are missing."""
+    from models.backend import triton_available
+
+    if not triton_available():
+        pytest.skip("mamba-ssm's Triton kernels are not installed")
+
+
 def run_in_triton_interpreter(code: str) -> None:
     """Run `code` (printing 'ok' when its checks pass) with TRITON_INTERPRET=1 in a
     subprocess, so the setting does not leak into other tests; skips without Triton."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_in_triton_interpreter
+from conftest import needs_triton_kernels, relative_error, run_in_triton_interpreter
 
 from ssd import rmsnorm_gated, rmsnorm_gated_reference
 
@@ -52,30 +52,18 @@ def relative_errors(case: tuple, device: str, kernel: str, dtype=torch.float32) 
         y = gated_rms_norm(*fast, 1e-5)
     assert y.shape == y_ref.shape and y.dtype == dtype
     grads = torch.autograd.grad(y, fast, grad.to(device=device, dtype=dtype))
-
-    def rel(got, want):
-        got = got.detach().cpu().double()
-        return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-    errors = {"y": rel(y, y_ref.detach())}
+    errors = {"y": relative_error(y, y_ref.detach())}
     for name, got, want, leaf in zip(("dx", "dz", "dweight"), grads, grads_ref, fast):
         assert got.shape == want.shape and got.dtype == leaf.dtype, name
-        errors[name] = rel(got, want)
+        errors[name] = relative_error(got, want)
     return errors
-
-
-def _needs_triton_backend():
-    from models.backend import triton_available
-
-    if not triton_available():
-        pytest.skip("mamba-ssm's Triton kernels are not installed")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["fused", "mamba"])
 @pytest.mark.parametrize("case", CASES)
 def test_gated_norm_kernels_match_float64_reference(case, kernel):
-    _needs_triton_backend()
+    needs_triton_kernels()
     errors = relative_errors(case, "cuda", kernel)
     print(
         f"\n[gpu] gated norm {kernel} {case}: "
@@ -87,7 +75,7 @@ def test_gated_norm_kernels_match_float64_reference(case, kernel):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["fused", "mamba"])
 def test_gated_norm_kernels_with_bf16_inputs(kernel):
-    _needs_triton_backend()
+    needs_triton_kernels()
     errors = relative_errors(CASES[0], "cuda", kernel, dtype=torch.bfloat16)
     print(
         f"\n[gpu] gated norm {kernel} bf16: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())

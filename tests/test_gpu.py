@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_triton_kernels
 
-from models.backend import triton_available
 from ssd import rmsnorm_gated, rmsnorm_gated_reference, ssd_chunked, ssd_scan
 
 pytestmark = pytest.mark.gpu
-
-
-def needs_triton():
-    if not triton_available():
-        pytest.skip("mamba-ssm's Triton kernels are not installed")
 
 
 def ssd_inputs(batch, seqlen, nheads, headdim, dstate, seed):
@@ -40,7 +35,7 @@ SHAPES = [(64, 50, 4, 32, 32), (32, 200, 4, 32, 32), (16, 200, 4, 128, 64), (8, 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_ssd_forward_backward_match_torch(shape):
-    needs_triton()
+    needs_triton_kernels()
     inp = ssd_inputs(*shape, seed=sum(shape))
     grad_out = torch.randn_like(inp["x"])
     results = {}
@@ -70,7 +65,7 @@ def test_triton_ssd_forward_backward_match_torch(shape):
 
 
 def test_triton_rmsnorm_gated_matches_torch():
-    needs_triton()
+    needs_triton_kernels()
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4096, 128, device="cuda", generator=g, requires_grad=True)
     z = torch.randn(4096, 128, device="cuda", generator=g, requires_grad=True)
@@ -96,7 +91,7 @@ def test_triton_rmsnorm_gated_matches_torch():
 @pytest.mark.parametrize("model_name", ["TiM4Rec", "SSD4Rec", "Mamba4Rec"])
 def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
     """Same weights, same batch: CPU (PyTorch scans) and CUDA (Triton kernels) scores agree."""
-    needs_triton()
+    needs_triton_kernels()
     from recbole.data import create_dataset, data_preparation
 
     from pipeline.config import build_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_in_triton_interpreter
+from conftest import relative_error, run_in_triton_interpreter
 
 from models.layers import hardswish_dropout
 
@@ -22,11 +22,6 @@ CASES = [
     ((4, 50, 256), 0.3, "contiguous"),
     ((9000,), 0.5, "contiguous"),
 ]
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got = got.detach().cpu().double()
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.float32) -> dict:
@@ -56,7 +51,7 @@ def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.flo
     ref = x.clone().requires_grad_()
     y_ref = F.hardswish(ref) * keep / (1 - p)
     (dx_ref,) = torch.autograd.grad(y_ref, ref, grad)
-    return {"y": _relative_error(y, y_ref.detach()), "dx": _relative_error(dx, dx_ref)}
+    return {"y": relative_error(y, y_ref.detach()), "dx": relative_error(dx, dx_ref)}
 
 
 def test_torch_backend_is_hardswish_then_dropout():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_in_triton_interpreter
+from conftest import relative_error, run_in_triton_interpreter
 
 from models.layers import DropoutAddLayerNorm, dropout_add_layer_norm
 
@@ -30,11 +30,6 @@ CASES = [
     ((300,), 64, False, "slice", 0.5),
     ((1,), 16, True, "contiguous", 0.0),
 ]
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got = got.detach().cpu().double()
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.float32) -> dict:
@@ -74,10 +69,10 @@ def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.flo
     y_ref = F.layer_norm(h, (N,), ref[2], ref[3], 1e-5)
     grads_ref = torch.autograd.grad(y_ref, [t for t in ref if t is not None], grad)
     names = ["dx", "dresidual", "dweight", "dbias"] if has_residual else ["dx", "dweight", "dbias"]
-    errors = {"y": _relative_error(y, y_ref.detach())}
+    errors = {"y": relative_error(y, y_ref.detach())}
     for name, g, g_ref in zip(names, grads, grads_ref):
         assert g.shape == g_ref.shape, name
-        errors[name] = _relative_error(g, g_ref)
+        errors[name] = relative_error(g, g_ref)
     return errors
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_in_triton_interpreter
+from conftest import needs_triton_kernels, relative_error, run_in_triton_interpreter
 
 from ssd import ssd_chunked, ssd_scan
 
@@ -93,30 +93,18 @@ def relative_errors(case: tuple, device: str, kernel: str, dtype=torch.float32) 
         y = fused_ssd(**fast, chunk_size=Q, dt_softplus=True)
     assert y.shape == y_ref.shape and y.dtype == dtype
     grads = torch.autograd.grad(y, list(fast.values()), grad.to(device=device, dtype=dtype))
-
-    def rel(got, want):
-        got = got.detach().cpu().double()
-        return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-    errors = {"y": rel(y, y_ref.detach())}
+    errors = {"y": relative_error(y, y_ref.detach())}
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         assert g.shape == g_ref.shape and g.dtype == fast[name].dtype, name
-        errors["d" + name] = rel(g, g_ref)
+        errors["d" + name] = relative_error(g, g_ref)
     return errors
-
-
-def _needs_triton_backend():
-    from models.backend import triton_available
-
-    if not triton_available():
-        pytest.skip("mamba-ssm's Triton kernels are not installed")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["fused", "mamba"])
 @pytest.mark.parametrize("case", CASES)
 def test_ssd_kernels_match_float64_reference(case, kernel):
-    _needs_triton_backend()
+    needs_triton_kernels()
     errors = relative_errors(case, "cuda", kernel)
     print(f"\n[gpu] SSD {kernel} {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) < 1e-2, errors
@@ -126,7 +114,7 @@ def test_ssd_kernels_match_float64_reference(case, kernel):
 @pytest.mark.parametrize("kernel", ["fused", "mamba"])
 def test_ssd_kernels_with_bf16_inputs(kernel):
     """x, B, C in bf16 (conv outputs under autocast): float32 arithmetic, y and dx in bf16."""
-    _needs_triton_backend()
+    needs_triton_kernels()
     errors = relative_errors(CASES[1], "cuda", kernel, dtype=torch.bfloat16)
     print(f"\n[gpu] SSD {kernel} bf16: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) < 2e-2, errors
@@ -135,7 +123,7 @@ def test_ssd_kernels_with_bf16_inputs(kernel):
 @pytest.mark.gpu
 def test_fused_ssd_in_cuda_graph_replays():
     """Captured forward + backward replays give the eager results on new inputs."""
-    _needs_triton_backend()
+    needs_triton_kernels()
     from models.ssd_triton import fused_ssd
 
     inputs = {k: v.float().cuda() for k, v in make_inputs(CASES[0], seed=3).items()}
