@@ -223,6 +223,40 @@ def ssd_scan(
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
+def ssd_scan_packed(
+    xBC: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    d_state: int,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    backend: str = "auto",
+    kernel: str = "fused",
+) -> torch.Tensor:
+    """`ssd_scan` with x, B, C packed as Mamba-2's convolution outputs them: xBC
+    (B, L, H * P + 2N), one B/C group, H = A's length -> y (B, L, H, P). The fused kernel
+    reads the packed tensor and writes its gradient packed (no split, no concatenation)."""
+    check_ssd_kernel(kernel)
+    nheads = A.size(0)
+    if kernel == "fused" and resolve_backend(backend, xBC.device) == "triton":
+        from models.ssd_triton import fused_ssd_packed
+
+        return fused_ssd_packed(
+            xBC, dt, A, nheads, d_state, chunk_size, D=D, dt_bias=dt_bias,
+            dt_softplus=dt_softplus,
+        )  # fmt: skip
+    batch, seqlen, width = xBC.shape
+    x, B, C = torch.split(xBC, [width - 2 * d_state, d_state, d_state], dim=-1)
+    return ssd_scan(
+        x.reshape(batch, seqlen, nheads, -1), dt, A,
+        B.reshape(batch, seqlen, 1, d_state), C.reshape(batch, seqlen, 1, d_state),
+        chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, backend=backend,
+        kernel=kernel,
+    )  # fmt: skip
+
+
 def rmsnorm_gated(
     x: torch.Tensor,
     z: torch.Tensor,
@@ -363,7 +397,7 @@ class TiSSDBlock(nn.Module):
         self, u: torch.Tensor, time_signal: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seqlen, _ = u.shape
-        H, P, N = self.nheads, self.head_dim, self.d_state
+        H, N = self.nheads, self.d_state
         z, xBC, dt = torch.split(
             self.in_proj(u), [self.d_inner, self.d_inner + 2 * N, H], dim=-1
         )  # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
@@ -377,13 +411,11 @@ class TiSSDBlock(nn.Module):
             dt = dt * theta  # (B, L, H)
             theta = theta.transpose(1, 2)  # (B, H, L)
 
-        x, B, C = torch.split(xBC, [self.d_inner, N, N], dim=-1)
-        y = ssd_scan(
-            x.reshape(batch, seqlen, H, P),
+        y = ssd_scan_packed(
+            xBC,
             dt,
             -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
-            B.reshape(batch, seqlen, 1, N),
-            C.reshape(batch, seqlen, 1, N),
+            d_state=N,
             chunk_size=self.chunk_size,
             D=self.D,
             dt_bias=self.dt_bias,

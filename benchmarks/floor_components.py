@@ -56,24 +56,33 @@ def _forward_backward(outputs: Callable[[], list[torch.Tensor]]) -> Callable[[],
 
 
 def ssd_scans(s: floor_model.StepShape, device, dtype, kernel: str = "mamba") -> Callable[[], None]:
-    """The SSD scan forward + backward, once per layer: mamba-ssm's or the fused kernel."""
-    scan, _ = import_mamba_triton()
-    if kernel == "fused":
-        from models.ssd_triton import fused_ssd as scan
+    """The SSD scan forward + backward, once per layer: mamba-ssm's (x, B, C apart) or the
+    fused kernel (x, B, C packed in one tensor, as the model passes them)."""
     W, L, H, P, N = s.batch, s.seq_len, s.nheads, s.head_dim, s.d_state
     layers = []
     for _ in range(s.num_layers):
-        layers.append(
-            dict(
+        inputs = dict(
+            dt=_leaf(W, L, H, device=device, dtype=dtype),  # (B, L, H)
+            A=(-torch.rand(H, device=device) - 0.5).requires_grad_(),  # (H,)
+            D=_leaf(H, device=device),
+            dt_bias=_leaf(H, device=device),
+        )
+        if kernel == "fused":
+            inputs.update(xBC=_leaf(W, L, H * P + 2 * N, device=device, dtype=dtype))
+        else:
+            inputs.update(
                 x=_leaf(W, L, H, P, device=device, dtype=dtype),  # (B, L, H, P)
-                dt=_leaf(W, L, H, device=device, dtype=dtype),  # (B, L, H)
-                A=(-torch.rand(H, device=device) - 0.5).requires_grad_(),  # (H,)
                 B=_leaf(W, L, 1, N, device=device, dtype=dtype),  # (B, L, G, N)
                 C=_leaf(W, L, 1, N, device=device, dtype=dtype),
-                D=_leaf(H, device=device),
-                dt_bias=_leaf(H, device=device),
             )
-        )
+        layers.append(inputs)
+    if kernel == "fused":
+        from models.ssd_triton import fused_ssd_packed
+
+        def scan(**inputs):
+            return fused_ssd_packed(nheads=H, d_state=N, **inputs)
+    else:
+        scan, _ = import_mamba_triton()
     return _forward_backward(
         lambda: [scan(chunk_size=s.chunk_size, dt_softplus=True, **inputs) for inputs in layers]
     )

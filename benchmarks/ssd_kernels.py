@@ -1,9 +1,11 @@
-"""The SSD scan alone: mamba-ssm's kernels against the fused one (models/ssd_triton.py).
+"""The SSD block's fused kernels alone: the scan (mamba-ssm's kernels against
+models/ssd_triton.py) and the causal convolution of xBC (nn.functional against
+models/causal_conv_triton.py).
 
-GPU busy time (torch.profiler) of one layer's scan at the ML-1M all-positions step's shape,
-forward and forward + backward, float32 and bfloat16 inputs; for the fused kernel also
-each kernel's registers and spills. `--sweep` times the fused kernel's launch options
-(warps, pipeline stages) to choose its defaults.
+GPU busy time (torch.profiler) of one layer's call at the ML-1M all-positions step's
+shape, forward and forward + backward, float32 and bfloat16 inputs; for the fused kernels
+also each scan kernel's registers and spills. `--sweep` times the fused scan kernels'
+launch options (warps, pipeline stages) to choose their defaults.
 
     python -m benchmarks.ssd_kernels                     # 600 x 200, H = 4, P = N = Q = 32
     python -m benchmarks.ssd_kernels --sweep --out ssd_kernels.json
@@ -22,21 +24,18 @@ import torch
 from benchmarks import measure
 from models import ssd_triton
 from models.backend import import_mamba_triton
+from ssd import causal_conv1d_hardswish
 
 TIMED_CALLS = 20
 
 
 def make_inputs(batch, seqlen, nheads, headdim, dstate, dtype) -> dict[str, torch.Tensor]:
-    """Inputs as TiM4Rec's block passes them: x, B, C column slices of one conv output."""
+    """Inputs as TiM4Rec's block passes them: x, B, C packed in one conv output."""
     dev = "cuda"
-    packed = torch.randn(batch, seqlen, nheads * headdim + 2 * dstate, device=dev, dtype=dtype)
-    x, B, C = torch.split(packed, [nheads * headdim, dstate, dstate], dim=-1)
     leaves = dict(
-        x=x.view(batch, seqlen, nheads, headdim),
+        xBC=torch.randn(batch, seqlen, nheads * headdim + 2 * dstate, device=dev, dtype=dtype),
         dt=0.5 * torch.randn(batch, seqlen, nheads, device=dev, dtype=dtype),
         A=-torch.rand(nheads, device=dev) * 15 - 1,
-        B=B.view(batch, seqlen, 1, dstate),
-        C=C.view(batch, seqlen, 1, dstate),
         D=torch.randn(nheads, device=dev),
         dt_bias=torch.randn(nheads, device=dev) - 4,
     )
@@ -45,28 +44,69 @@ def make_inputs(batch, seqlen, nheads, headdim, dstate, dtype) -> dict[str, torc
     return leaves
 
 
-def scan_calls(kernel: str, inputs: dict, chunk_size: int) -> tuple[Callable, Callable]:
-    """(forward call, forward + backward call) of one scan."""
-    if kernel == "mamba":
-        scan, _ = import_mamba_triton()
-    else:
-        scan = ssd_triton.fused_ssd
-    grad = torch.randn_like(inputs["x"])
+def scan_calls(
+    kernel: str, inputs: dict, d_state: int, chunk_size: int
+) -> tuple[Callable, Callable]:
+    """(forward call, forward + backward call) of one scan: the fused kernel reads the
+    packed tensor, mamba-ssm's the column slices x, B, C of it (as the model calls each)."""
+    leaves = list(inputs.values())
+    batch, seqlen, nheads = inputs["dt"].shape
+    scalars = dict(chunk_size=chunk_size, dt_softplus=True, D=inputs["D"])
+    scalars["dt_bias"] = inputs["dt_bias"]
 
     def forward():
-        return scan(**inputs, chunk_size=chunk_size, dt_softplus=True)
+        if kernel == "fused":
+            return ssd_triton.fused_ssd_packed(
+                inputs["xBC"], inputs["dt"], inputs["A"], nheads, d_state, **scalars
+            )
+        scan, _ = import_mamba_triton()
+        x, B, C = ssd_triton.unpack(inputs["xBC"], nheads, d_state)
+        one_group = (batch, seqlen, 1, d_state)
+        return scan(x, inputs["dt"], inputs["A"], B.view(one_group), C.view(one_group), **scalars)
+
+    grad = torch.randn_like(forward())
 
     def forward_backward():
-        torch.autograd.grad(forward(), list(inputs.values()), grad)
+        torch.autograd.grad(forward(), leaves, grad)
 
     return forward, forward_backward
+
+
+def conv_calls(kernel: str, inputs: dict) -> tuple[Callable, Callable]:
+    """(forward call, forward + backward call) of the causal convolution + Hardswish of
+    xBC, a column slice of in_proj's output (as the model calls it)."""
+    backend = "triton" if kernel == "fused" else "torch"
+    leaves = list(inputs.values())
+
+    def forward():
+        # nn.functional's conv takes one dtype (under autocast, as the model runs it)
+        with torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=inputs["x"].dtype != torch.float32
+        ):
+            return causal_conv1d_hardswish(inputs["x"], inputs["weight"], inputs["bias"], backend)
+
+    grad = torch.randn_like(forward())
+
+    def forward_backward():
+        torch.autograd.grad(forward(), leaves, grad)
+
+    return forward, forward_backward
+
+
+def conv_inputs(batch, seqlen, nheads, headdim, dstate, dtype) -> dict[str, torch.Tensor]:
+    channels = nheads * headdim + 2 * dstate
+    projection = torch.randn(batch, seqlen, 2 * channels - 2 * dstate + nheads, device="cuda")
+    x = projection.to(dtype)[..., nheads * headdim : nheads * headdim + channels]
+    weight = 0.5 * torch.randn(channels, 1, 4, device="cuda")
+    bias = torch.randn(channels, device="cuda")
+    return {k: t.detach().requires_grad_() for k, t in dict(x=x, weight=weight, bias=bias).items()}
 
 
 def kernel_resources() -> dict[str, dict]:
     """Registers, spills and shared memory of the fused kernels compiled so far, where this
     Triton version exposes them (JITFunction.device_caches)."""
     found = {}
-    for name in ("_ssd_fwd", "_ssd_bwd"):
+    for name in ssd_triton.LAUNCH_OPTIONS:
         try:
             caches = getattr(ssd_triton, name).device_caches
             for cache in caches.values():
@@ -85,8 +125,7 @@ def kernel_resources() -> dict[str, dict]:
     return found
 
 
-def time_scan(kernel: str, inputs: dict, chunk_size: int, device) -> dict[str, float]:
-    forward, forward_backward = scan_calls(kernel, inputs, chunk_size)
+def time_calls(forward: Callable, forward_backward: Callable, device) -> dict:
     for _ in range(3):  # compile, autotune
         forward_backward()
     fwd_ms, _, _ = measure.gpu_busy(forward, device, TIMED_CALLS)
@@ -114,33 +153,44 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("needs a CUDA GPU and mamba-ssm's Triton kernels")
     device = torch.device("cuda")
     shape = (args.windows, args.seq_len, args.heads, args.head_dim, args.d_state)
-    variants: list[tuple[str, dict | None]] = [("mamba", None), ("fused", None)]
+    # (op, kernel, {fused scan kernel: its launch options}): the defaults, then with --sweep
+    # each fused scan kernel's options varied one kernel at a time
+    variants: list[tuple[str, str, dict]] = [
+        ("scan", "mamba", {}), ("scan", "fused", {}), ("conv", "torch", {}), ("conv", "fused", {})
+    ]  # fmt: skip
     if args.sweep:
         variants += [
-            ("fused", dict(num_warps=w, num_stages=s))
-            for w, s in itertools.product((2, 4, 8), (1, 2, 3))
+            ("scan", "fused", {name: dict(num_warps=w, num_stages=s)})
+            for name in ssd_triton.LAUNCH_OPTIONS
+            for w, s in itertools.product((2, 4, 8), (1, 2))
         ]
+    defaults = {name: dict(options) for name, options in ssd_triton.LAUNCH_OPTIONS.items()}
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        inputs = make_inputs(*shape, dtype)
-        for kernel, options in variants:
-            ssd_triton.FWD_OPTIONS = ssd_triton.BWD_OPTIONS = options
+        scan_in, conv_in = make_inputs(*shape, dtype), conv_inputs(*shape, dtype)
+        for op, kernel, options in variants:
+            ssd_triton.LAUNCH_OPTIONS.update(options)
             try:
-                timing = time_scan(kernel, inputs, args.chunk_size, device)
+                calls = (
+                    scan_calls(kernel, scan_in, args.d_state, args.chunk_size)
+                    if op == "scan"
+                    else conv_calls(kernel, conv_in)
+                )
+                timing = time_calls(*calls, device)
             except Exception as err:  # one failing option keeps the others
                 timing = dict(error=f"{type(err).__name__}: {str(err)[:200]}")
-            rows.append(dict(kernel=kernel, dtype=str(dtype)[6:], options=options, **timing))
-        ssd_triton.FWD_OPTIONS = ssd_triton.BWD_OPTIONS = None
-    print(f"{torch.cuda.get_device_name(device)}, one layer's scan, (B, L, H, P, N) = {shape}, "
+            rows.append(dict(op=op, kernel=kernel, dtype=str(dtype)[6:], options=options, **timing))
+            ssd_triton.LAUNCH_OPTIONS.update(defaults)
+    print(f"{torch.cuda.get_device_name(device)}, one layer, (B, L, H, P, N) = {shape}, "
           f"Q = {args.chunk_size}; GPU busy ms")  # fmt: skip
-    print("| kernel | dtype | options | forward | backward | forward + backward |")
-    print("|---|---|---|---|---|---|")
+    print("| op | kernel | dtype | options | forward | backward | forward + backward |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        head = f"| {r['op']} | {r['kernel']} | {r['dtype']} | {r['options'] or 'default'} |"
         if "error" in r:
-            print(f"| {r['kernel']} | {r['dtype']} | {r['options']} | {r['error']} | | |")
+            print(f"{head} {r['error']} | | |")
             continue
-        print(f"| {r['kernel']} | {r['dtype']} | {r['options'] or 'default'} | "
-              f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")  # fmt: skip
+        print(f"{head} {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
     resources = kernel_resources()
     print("fused kernels compiled:", json.dumps(resources))
     if args.out:

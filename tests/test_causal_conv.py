@@ -14,12 +14,16 @@ from conftest import run_in_triton_interpreter
 from ssd import causal_conv1d_hardswish_reference
 
 # (batch, length, channels, kernel, layout): one tile; several row and channel tiles with
-# ragged ends; the time path's few channels; a longer kernel than the sequence.
+# ragged ends; the time path's few channels; a longer kernel than the sequence; one row
+# past a backward row tile (its shifts reach into the next tile's rows) with a ragged
+# channel tile; fewer rows than K - 1, an odd kernel and channel count.
 CASES = [
     (2, 7, 5, 4, "slice"),
     (3, 70, 130, 4, "slice"),
     (2, 50, 4, 4, "transposed"),
     (2, 3, 8, 4, "contiguous"),
+    (2, 33, 96, 4, "slice"),
+    (2, 2, 3, 5, "transposed"),
 ]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import needs_triton_kernels, relative_error, run_in_triton_interpreter
 
-from ssd import ssd_chunked, ssd_scan
+from ssd import ssd_chunked, ssd_scan, ssd_scan_packed
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
@@ -157,6 +157,37 @@ def test_fused_ssd_refuses_shapes_it_does_not_handle():
         check_shapes(x, dt, A, B.expand(2, 10, 2, 16), C.expand(2, 10, 2, 16))
     with pytest.raises(ValueError, match=r"dt must be \(B, L, H\)"):
         check_shapes(x, dt[..., :1], A, B, C)
+
+
+def test_fused_ssd_packed_refuses_widths_that_are_not_heads_plus_b_and_c():
+    pytest.importorskip("triton")
+    from models.ssd_triton import fused_ssd_packed
+
+    dt, A = torch.zeros(2, 10, 4), -torch.ones(4)
+    with pytest.raises(ValueError, match=r"must be H \* P \+ 2N with H = 4 heads and N = 16"):
+        fused_ssd_packed(torch.zeros(2, 10, 4 * 8 + 2 * 16 + 1), dt, A, 4, 16, chunk_size=8)
+    with pytest.raises(ValueError, match=r"dt must be \(B, L, H\)"):
+        fused_ssd_packed(torch.zeros(2, 10, 4 * 8 + 2 * 16), dt[..., :2], A, 4, 16, chunk_size=8)
+
+
+def test_packed_scan_is_the_scan_of_the_unpacked_columns():
+    """ssd_scan_packed on the reference backend: the same y and gradients as ssd_scan on
+    x, B, C split off the packed tensor by hand."""
+    inputs = {k: v.float() for k, v in make_inputs((2, 37, 2, 8, 4), seed=5).items()}
+    xBC = torch.cat([inputs["x"].flatten(2), inputs["B"][:, :, 0], inputs["C"][:, :, 0]], -1)
+    xBC.requires_grad_()
+    rest = {k: inputs[k] for k in ("dt", "A", "D", "dt_bias")}
+    y = ssd_scan_packed(xBC, d_state=4, chunk_size=16, backend="torch", **rest)
+    x, B, C = torch.split(xBC, [16, 4, 4], dim=-1)
+    want = ssd_scan(
+        x.reshape(2, 37, 2, 8), B=B[:, :, None], C=C[:, :, None], chunk_size=16, backend="torch",
+        **rest,
+    )  # fmt: skip
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, xBC, grad)
+    (expected,) = torch.autograd.grad(want, xBC, grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_unknown_ssd_kernel_is_refused():

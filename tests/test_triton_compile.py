@@ -100,18 +100,29 @@ def test_fused_ssd_kernels_compile(dtype, shape):
 
     L, Q, P, N = shape
     H = 4
+    W = H * P + 2 * N  # x, B, C packed in one conv output
+    dt_strides = dict(s_dtb=L * H, s_dtl=H, s_dth=1)
+    c_strides = dict(s_cb=L * W, s_cl=W)
+    dy_strides = dict(s_dyb=L * H * P, s_dyl=H * P, s_dyh=P)
+    chunks = dict(NCHUNKS=-(-L // Q), HAS_DTB=True, DT_SOFTPLUS=True, **k._blocks(Q, P, N))
     common = dict(
         x_ptr=dtype, dt_ptr=F32, a_ptr=F32, b_ptr=dtype, c_ptr=dtype, d_ptr=F32, dtb_ptr=F32,
-        L=L, H=H, s_xb=L * 324, s_xl=324, s_xh=P, s_dtb=L * H, s_dtl=H, s_dth=1,
-        s_bb=L * 324, s_bl=324, s_cb=L * 324, s_cl=324, NCHUNKS=-(-L // Q), HAS_D=True,
-        HAS_DTB=True, DT_SOFTPLUS=True, **k._blocks(Q, P, N),
+        L=L, s_xb=L * W, s_xl=W, s_xh=P, s_bb=L * W, s_bl=W, HAS_D=True,
+        **dt_strides, **c_strides, **chunks,
     )  # fmt: skip
     compile_for_sm90(
-        k._ssd_fwd, y_ptr=dtype, states_ptr=F32, s_yb=L * H * P, s_yl=H * P, s_yh=P, **common
-    )
+        k._ssd_fwd, y_ptr=dtype, states_ptr=F32, H=H, s_yb=L * H * P, s_yl=H * P, s_yh=P,
+        **common,
+    )  # fmt: skip
     compile_for_sm90(
-        k._ssd_bwd, dy_ptr=dtype, states_ptr=F32, dx_ptr=dtype, ddt_ptr=F32, db_ptr=F32,
-        dc_ptr=F32, dsum_ptr=F32, s_dyb=L * H * P, s_dyl=H * P, s_dyh=P, **common,
+        k._ssd_bwd_dstates, dt_ptr=F32, a_ptr=F32, c_ptr=dtype, dtb_ptr=F32, dy_ptr=dtype,
+        dstates_ptr=F32, L=L, H=H, **dt_strides, **c_strides, **dy_strides, **chunks,
+    )  # fmt: skip
+    compile_for_sm90(
+        k._ssd_bwd_chunk, dy_ptr=dtype, states_ptr=F32, dstates_ptr=F32, dx_ptr=dtype,
+        ddt_ptr=F32, db_ptr=dtype, dc_ptr=dtype, dsum_ptr=F32, NHEADS=H,
+        s_dxb=L * W, s_dxl=W, s_dxh=P, s_ddtb=L * H, s_ddtl=H, s_dbb=L * W, s_dbl=W,
+        s_dcb=L * W, s_dcl=W, **dy_strides, **common,
     )  # fmt: skip
 
 
