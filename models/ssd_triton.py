@@ -22,10 +22,10 @@ chunks (other sizes work too: tiles are padded to powers of two >= 16). Three ke
   chunk from the two stored states; no chunk waits for another. Its program loops over
   the heads, so the gradients of B and C, which the heads share, are summed in registers.
 
-A single backward kernel walking the chunks (the first version) kept every tile of the
-chunk's gradients live across the walk and spilled registers; split, the walk is light
-and the heavy part runs over 7x more programs (one layer at the ML-1M shape on an H200,
-forward + backward: 0.74 -> 0.65 ms in fp32). x, B and C arrive packed in one tensor,
+A single backward kernel walking the chunks (the first version) did all of it in 600 x 4
+long programs at the ML-1M shape; split, the walk is light and the gradients run in 7x
+more, shorter programs (one layer on an H200, forward + backward: 0.74 -> 0.65 ms in
+fp32). Both spill registers about equally (`python -m benchmarks.kernel_registers`). x, B and C arrive packed in one tensor,
 as Mamba-2's convolution outputs them, and their gradient leaves packed the same way.
 There are no atomics (dA, dD, d dt_bias: per-program sums added by PyTorch), so results
 are deterministic. Matrix products run on `tl.dot` (TF32 for float32 inputs, as in

@@ -10,33 +10,17 @@ ptxas), so such errors show before a GPU run. Skipped where Triton is not instal
 from __future__ import annotations
 
 import pytest
-import torch
 
 triton = pytest.importorskip("triton")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int64: "*i64"}
-F32, BF16, I64 = (torch.empty(1, dtype=t) for t in (torch.float32, torch.bfloat16, torch.int64))
-
-
-def compile_for_sm90(kernel, **args) -> str:
-    """PTX of `kernel` with these arguments: tensors stand for pointers of their dtype,
-    Python ints and floats for scalars; `kernel`'s constexpr parameters and None pointers
-    are compiled in."""
-    signature, constexprs = {}, {}
-    for param in kernel.params:
-        value = args[param.name]
-        if param.is_constexpr or value is None:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = POINTER_TYPES[value.dtype]
-        else:
-            signature[param.name] = "fp32" if isinstance(value, float) else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+from benchmarks.sm90 import (  # noqa: E402
+    BF16,
+    F32,
+    I64,
+    compile_for_sm90,
+    conv_kernel_args,
+    ssd_kernel_args,
+)
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -75,20 +59,8 @@ def test_hardswish_dropout_kernels_compile(dropout, dtype):
 def test_causal_conv_kernels_compile(dtype):
     from models import causal_conv_triton as k
 
-    common = dict(L=200, C=320, K=4, BLOCK_L=k.BLOCK_L, BLOCK_C=k.MAX_BLOCK_C)
-    x_strides = dict(s_x_b=200 * 324, s_x_l=324, s_x_c=1)
-    compile_for_sm90(
-        k._causal_conv_fwd, x_ptr=dtype, w_ptr=F32, b_ptr=F32, y_ptr=dtype,
-        s_y_b=200 * 320, s_y_l=320, s_y_c=1, **x_strides, **common,
-    )  # fmt: skip
-    compile_for_sm90(
-        k._causal_conv_bwd_g, x_ptr=dtype, w_ptr=F32, b_ptr=F32, dy_ptr=dtype, g_ptr=F32,
-        dw_ptr=F32, db_ptr=F32, s_dy_b=200 * 320, s_dy_l=320, s_dy_c=1, **x_strides, **common,
-    )  # fmt: skip
-    compile_for_sm90(
-        k._causal_conv_bwd_dx, g_ptr=F32, w_ptr=F32, dx_ptr=dtype,
-        s_dx_b=200 * 320, s_dx_l=320, s_dx_c=1, **common,
-    )  # fmt: skip
+    for name, args in conv_kernel_args(200, 320, 324, dtype).items():
+        compile_for_sm90(getattr(k, name), **args)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -98,32 +70,8 @@ def test_causal_conv_kernels_compile(dtype):
 def test_fused_ssd_kernels_compile(dtype, shape):
     from models import ssd_triton as k
 
-    L, Q, P, N = shape
-    H = 4
-    W = H * P + 2 * N  # x, B, C packed in one conv output
-    dt_strides = dict(s_dtb=L * H, s_dtl=H, s_dth=1)
-    c_strides = dict(s_cb=L * W, s_cl=W)
-    dy_strides = dict(s_dyb=L * H * P, s_dyl=H * P, s_dyh=P)
-    chunks = dict(NCHUNKS=-(-L // Q), HAS_DTB=True, DT_SOFTPLUS=True, **k._blocks(Q, P, N))
-    common = dict(
-        x_ptr=dtype, dt_ptr=F32, a_ptr=F32, b_ptr=dtype, c_ptr=dtype, d_ptr=F32, dtb_ptr=F32,
-        L=L, s_xb=L * W, s_xl=W, s_xh=P, s_bb=L * W, s_bl=W, HAS_D=True,
-        **dt_strides, **c_strides, **chunks,
-    )  # fmt: skip
-    compile_for_sm90(
-        k._ssd_fwd, y_ptr=dtype, states_ptr=F32, H=H, s_yb=L * H * P, s_yl=H * P, s_yh=P,
-        **common,
-    )  # fmt: skip
-    compile_for_sm90(
-        k._ssd_bwd_dstates, dt_ptr=F32, a_ptr=F32, c_ptr=dtype, dtb_ptr=F32, dy_ptr=dtype,
-        dstates_ptr=F32, L=L, H=H, **dt_strides, **c_strides, **dy_strides, **chunks,
-    )  # fmt: skip
-    compile_for_sm90(
-        k._ssd_bwd_chunk, dy_ptr=dtype, states_ptr=F32, dstates_ptr=F32, dx_ptr=dtype,
-        ddt_ptr=F32, db_ptr=dtype, dc_ptr=dtype, dsum_ptr=F32, NHEADS=H,
-        s_dxb=L * W, s_dxl=W, s_dxh=P, s_ddtb=L * H, s_ddtl=H, s_dbb=L * W, s_dbl=W,
-        s_dcb=L * W, s_dcl=W, **dy_strides, **common,
-    )  # fmt: skip
+    for name, args in ssd_kernel_args(*shape, H=4, dtype=dtype).items():
+        compile_for_sm90(getattr(k, name), options=k.LAUNCH_OPTIONS[name], **args)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -140,3 +88,15 @@ def test_gated_norm_kernels_compile(dtype, N):
         k._gated_rms_norm_bwd, x_ptr=dtype, z_ptr=dtype, w_ptr=F32, dy_ptr=dtype, rstd_ptr=F32,
         dx_ptr=dtype, dz_ptr=dtype, dw_ptr=F32, s_dy=N, s_dx=N, s_dz=N, **common,
     )  # fmt: skip
+
+
+def test_ptxas_reports_registers_and_spills():
+    """benchmarks/kernel_registers.py's numbers: ptxas -v parsed for a compiled kernel."""
+    from benchmarks.sm90 import ptxas_resources
+    from models import ssd_triton as k
+
+    args = ssd_kernel_args(200, 32, 32, 32, H=4, dtype=F32)["_ssd_bwd_dstates"]
+    ptx = compile_for_sm90(k._ssd_bwd_dstates, options=dict(num_warps=8, num_stages=1), **args)
+    resources = ptxas_resources(ptx)
+    assert 16 <= resources["registers"] <= 255
+    assert resources["spill_stores"] == 0 and resources["spill_loads"] == 0

@@ -1,0 +1,168 @@
+"""Compile the project's Triton kernels for an H100/H200 (sm_90) on any machine with
+Triton (no GPU: Triton ships ptxas), and read their registers and spills.
+
+Used by tests/test_triton_compile.py (every kernel compiles for each constexpr combination
+the model uses) and benchmarks/kernel_registers.py (registers and spills per launch
+option). `ssd_kernel_args` and `conv_kernel_args` give each kernel's arguments at a shape:
+tensors stand for pointers of their dtype, Python ints for scalars.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int64: "*i64"}
+F32, BF16, I64 = (torch.empty(1, dtype=t) for t in (torch.float32, torch.bfloat16, torch.int64))
+
+
+def compile_for_sm90(kernel, options: dict | None = None, **args) -> str:
+    """PTX of `kernel` with these arguments and launch options (num_warps, num_stages):
+    tensors stand for pointers of their dtype, Python ints and floats for scalars;
+    `kernel`'s constexpr parameters and None pointers are compiled in."""
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = args[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = POINTER_TYPES[value.dtype]
+        else:
+            signature[param.name] = "fp32" if isinstance(value, float) else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compiled.asm["ptx"]
+
+
+def ptxas_resources(ptx: str) -> dict[str, int]:
+    """Registers per thread and spill bytes per thread of PTX for sm_90a, from `ptxas -v`
+    (the ptxas that Triton uses)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        done = subprocess.run(
+            [get_ptxas(90).path, "-v", "--gpu-name=sm_90a", source.name, "-o", "/dev/null"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    log = done.stdout + done.stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return dict(
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+    )
+
+
+def ssd_kernel_args(L: int, Q: int, P: int, N: int, H: int, dtype: torch.Tensor) -> dict:
+    """Arguments of models/ssd_triton.py's kernels: x, B, C packed in one (B, L, H P + 2N)
+    conv output, `dtype` (F32 or BF16) for x, B, C, y and their gradients."""
+    from models import ssd_triton as k
+
+    W = H * P + 2 * N
+    dt_strides = dict(s_dtb=L * H, s_dtl=H, s_dth=1)
+    c_strides = dict(s_cb=L * W, s_cl=W)
+    dy_strides = dict(s_dyb=L * H * P, s_dyl=H * P, s_dyh=P)
+    chunks = dict(NCHUNKS=-(-L // Q), HAS_DTB=True, DT_SOFTPLUS=True, **k._blocks(Q, P, N))
+    common = dict(
+        x_ptr=dtype, dt_ptr=F32, a_ptr=F32, b_ptr=dtype, c_ptr=dtype, d_ptr=F32, dtb_ptr=F32,
+        L=L, s_xb=L * W, s_xl=W, s_xh=P, s_bb=L * W, s_bl=W, HAS_D=True,
+        **dt_strides, **c_strides, **chunks,
+    )  # fmt: skip
+    return {
+        "_ssd_fwd": dict(
+            y_ptr=dtype, states_ptr=F32, H=H, s_yb=L * H * P, s_yl=H * P, s_yh=P, **common
+        ),
+        "_ssd_bwd_dstates": dict(
+            dt_ptr=F32,
+            a_ptr=F32,
+            c_ptr=dtype,
+            dtb_ptr=F32,
+            dy_ptr=dtype,
+            dstates_ptr=F32,
+            L=L,
+            H=H,
+            **dt_strides,
+            **c_strides,
+            **dy_strides,
+            **chunks,
+        ),  # fmt: skip
+        "_ssd_bwd_chunk": dict(
+            dy_ptr=dtype,
+            states_ptr=F32,
+            dstates_ptr=F32,
+            dx_ptr=dtype,
+            ddt_ptr=F32,
+            db_ptr=dtype,
+            dc_ptr=dtype,
+            dsum_ptr=F32,
+            NHEADS=H,
+            s_dxb=L * W,
+            s_dxl=W,
+            s_dxh=P,
+            s_ddtb=L * H,
+            s_ddtl=H,
+            s_dbb=L * W,
+            s_dbl=W,
+            s_dcb=L * W,
+            s_dcl=W,
+            **dy_strides,
+            **common,
+        ),  # fmt: skip
+    }
+
+
+def conv_kernel_args(L: int, C: int, row_stride: int, dtype: torch.Tensor) -> dict:
+    """Arguments of models/causal_conv_triton.py's kernels: x a column slice of a wider
+    projection (rows of `row_stride` elements), `dtype` for x, y and their gradients."""
+    from models import causal_conv_triton as k
+
+    common = dict(
+        L=L, C=C, K=4, BLOCK_L=k.BLOCK_L, BLOCK_C=min(k.MAX_BLOCK_C, triton.next_power_of_2(C))
+    )
+    x_strides = dict(s_x_b=L * row_stride, s_x_l=row_stride, s_x_c=1)
+    dense = dict(b=L * C, l=C, c=1)
+    return {
+        "_causal_conv_fwd": dict(
+            x_ptr=dtype,
+            w_ptr=F32,
+            b_ptr=F32,
+            y_ptr=dtype,
+            **{f"s_y_{a}": v for a, v in dense.items()},
+            **x_strides,
+            **common,
+        ),  # fmt: skip
+        "_causal_conv_bwd_g": dict(
+            x_ptr=dtype,
+            w_ptr=F32,
+            b_ptr=F32,
+            dy_ptr=dtype,
+            g_ptr=F32,
+            dw_ptr=F32,
+            db_ptr=F32,
+            **{f"s_dy_{a}": v for a, v in dense.items()},
+            **x_strides,
+            **common,
+        ),  # fmt: skip
+        "_causal_conv_bwd_dx": dict(
+            g_ptr=F32,
+            w_ptr=F32,
+            dx_ptr=dtype,
+            **{f"s_dx_{a}": v for a, v in dense.items()},
+            **common,
+        ),  # fmt: skip
+    }
