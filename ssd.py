@@ -223,6 +223,14 @@ def ssd_scan(
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
+def unpack_xbc(xBC: torch.Tensor, nheads: int, d_state: int) -> tuple[torch.Tensor, ...]:
+    """Views x (B, L, H, P), B and C (B, L, N) of Mamba-2's packed conv output xBC
+    (B, L, H * P + 2N)."""
+    d_inner = xBC.size(-1) - 2 * d_state
+    x, B, C = torch.split(xBC, [d_inner, d_state, d_state], dim=-1)
+    return x.unflatten(-1, (nheads, d_inner // nheads)), B, C
+
+
 def ssd_scan_packed(
     xBC: torch.Tensor,
     dt: torch.Tensor,
@@ -247,13 +255,10 @@ def ssd_scan_packed(
             xBC, dt, A, nheads, d_state, chunk_size, D=D, dt_bias=dt_bias,
             dt_softplus=dt_softplus,
         )  # fmt: skip
-    batch, seqlen, width = xBC.shape
-    x, B, C = torch.split(xBC, [width - 2 * d_state, d_state, d_state], dim=-1)
+    x, B, C = unpack_xbc(xBC, nheads, d_state)
     return ssd_scan(
-        x.reshape(batch, seqlen, nheads, -1), dt, A,
-        B.reshape(batch, seqlen, 1, d_state), C.reshape(batch, seqlen, 1, d_state),
-        chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, backend=backend,
-        kernel=kernel,
+        x, dt, A, B.unsqueeze(2), C.unsqueeze(2), chunk_size, D=D, dt_bias=dt_bias,
+        dt_softplus=dt_softplus, backend=backend, kernel=kernel,
     )  # fmt: skip
 
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from benchmarks.sm90 import BF16, F32, compile_for_sm90, conv_kernel_args, ptxas_resources
+from benchmarks.sm90 import (
+    BF16,
+    F32,
+    compile_for_sm90,
+    conv_kernel_args,
+    ptxas_resources,
+    ssd_kernel_args,
+)
 
 # The convolution's kernels launch with Triton's defaults.
 CONV_OPTIONS = dict(num_warps=4, num_stages=3)
@@ -24,7 +31,6 @@ CONV_OPTIONS = dict(num_warps=4, num_stages=3)
 
 def kernel_rows(sweep: bool, seq_len: int = 200) -> list[dict]:
     """One row per (kernel, dtype, launch options)."""
-    from benchmarks.sm90 import ssd_kernel_args
     from models import causal_conv_triton, ssd_triton
 
     rows = []

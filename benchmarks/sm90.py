@@ -83,47 +83,18 @@ def ssd_kernel_args(L: int, Q: int, P: int, N: int, H: int, dtype: torch.Tensor)
         L=L, s_xb=L * W, s_xl=W, s_xh=P, s_bb=L * W, s_bl=W, HAS_D=True,
         **dt_strides, **c_strides, **chunks,
     )  # fmt: skip
-    return {
-        "_ssd_fwd": dict(
-            y_ptr=dtype, states_ptr=F32, H=H, s_yb=L * H * P, s_yl=H * P, s_yh=P, **common
-        ),
-        "_ssd_bwd_dstates": dict(
-            dt_ptr=F32,
-            a_ptr=F32,
-            c_ptr=dtype,
-            dtb_ptr=F32,
-            dy_ptr=dtype,
-            dstates_ptr=F32,
-            L=L,
-            H=H,
-            **dt_strides,
-            **c_strides,
-            **dy_strides,
-            **chunks,
-        ),  # fmt: skip
-        "_ssd_bwd_chunk": dict(
-            dy_ptr=dtype,
-            states_ptr=F32,
-            dstates_ptr=F32,
-            dx_ptr=dtype,
-            ddt_ptr=F32,
-            db_ptr=dtype,
-            dc_ptr=dtype,
-            dsum_ptr=F32,
-            NHEADS=H,
-            s_dxb=L * W,
-            s_dxl=W,
-            s_dxh=P,
-            s_ddtb=L * H,
-            s_ddtl=H,
-            s_dbb=L * W,
-            s_dbl=W,
-            s_dcb=L * W,
-            s_dcl=W,
-            **dy_strides,
-            **common,
-        ),  # fmt: skip
-    }
+    fwd = dict(y_ptr=dtype, states_ptr=F32, H=H, s_yb=L * H * P, s_yl=H * P, s_yh=P, **common)
+    dstates = dict(
+        dt_ptr=F32, a_ptr=F32, c_ptr=dtype, dtb_ptr=F32, dy_ptr=dtype, dstates_ptr=F32,
+        L=L, H=H, **dt_strides, **c_strides, **dy_strides, **chunks,
+    )  # fmt: skip
+    chunk = dict(
+        dy_ptr=dtype, states_ptr=F32, dstates_ptr=F32, dx_ptr=dtype, ddt_ptr=F32,
+        db_ptr=dtype, dc_ptr=dtype, dsum_ptr=F32, NHEADS=H,
+        s_dxb=L * W, s_dxl=W, s_dxh=P, s_ddtb=L * H, s_ddtl=H, s_dbb=L * W, s_dbl=W,
+        s_dcb=L * W, s_dcl=W, **dy_strides, **common,
+    )  # fmt: skip
+    return {"_ssd_fwd": fwd, "_ssd_bwd_dstates": dstates, "_ssd_bwd_chunk": chunk}
 
 
 def conv_kernel_args(L: int, C: int, row_stride: int, dtype: torch.Tensor) -> dict:
@@ -131,38 +102,16 @@ def conv_kernel_args(L: int, C: int, row_stride: int, dtype: torch.Tensor) -> di
     projection (rows of `row_stride` elements), `dtype` for x, y and their gradients."""
     from models import causal_conv_triton as k
 
-    common = dict(
-        L=L, C=C, K=4, BLOCK_L=k.BLOCK_L, BLOCK_C=min(k.MAX_BLOCK_C, triton.next_power_of_2(C))
-    )
+    _, block_c = k._grid(1, L, C)  # the channels per program the launch uses
+    common = dict(L=L, C=C, K=4, BLOCK_L=k.BLOCK_L, BLOCK_C=block_c)
     x_strides = dict(s_x_b=L * row_stride, s_x_l=row_stride, s_x_c=1)
-    dense = dict(b=L * C, l=C, c=1)
-    return {
-        "_causal_conv_fwd": dict(
-            x_ptr=dtype,
-            w_ptr=F32,
-            b_ptr=F32,
-            y_ptr=dtype,
-            **{f"s_y_{a}": v for a, v in dense.items()},
-            **x_strides,
-            **common,
-        ),  # fmt: skip
-        "_causal_conv_bwd_g": dict(
-            x_ptr=dtype,
-            w_ptr=F32,
-            b_ptr=F32,
-            dy_ptr=dtype,
-            g_ptr=F32,
-            dw_ptr=F32,
-            db_ptr=F32,
-            **{f"s_dy_{a}": v for a, v in dense.items()},
-            **x_strides,
-            **common,
-        ),  # fmt: skip
-        "_causal_conv_bwd_dx": dict(
-            g_ptr=F32,
-            w_ptr=F32,
-            dx_ptr=dtype,
-            **{f"s_dx_{a}": v for a, v in dense.items()},
-            **common,
-        ),  # fmt: skip
-    }
+    fwd = dict(
+        x_ptr=dtype, w_ptr=F32, b_ptr=F32, y_ptr=dtype, s_y_b=L * C, s_y_l=C, s_y_c=1,
+        **x_strides, **common,
+    )  # fmt: skip
+    bwd_g = dict(
+        x_ptr=dtype, w_ptr=F32, b_ptr=F32, dy_ptr=dtype, g_ptr=F32, dw_ptr=F32, db_ptr=F32,
+        s_dy_b=L * C, s_dy_l=C, s_dy_c=1, **x_strides, **common,
+    )  # fmt: skip
+    bwd_dx = dict(g_ptr=F32, w_ptr=F32, dx_ptr=dtype, s_dx_b=L * C, s_dx_l=C, s_dx_c=1, **common)
+    return {"_causal_conv_fwd": fwd, "_causal_conv_bwd_g": bwd_g, "_causal_conv_bwd_dx": bwd_dx}

@@ -24,7 +24,7 @@ import torch
 from benchmarks import measure
 from models import ssd_triton
 from models.backend import import_mamba_triton
-from ssd import causal_conv1d_hardswish
+from ssd import causal_conv1d_hardswish, unpack_xbc
 
 TIMED_CALLS = 20
 
@@ -50,9 +50,10 @@ def scan_calls(
     """(forward call, forward + backward call) of one scan: the fused kernel reads the
     packed tensor, mamba-ssm's the column slices x, B, C of it (as the model calls each)."""
     leaves = list(inputs.values())
-    batch, seqlen, nheads = inputs["dt"].shape
-    scalars = dict(chunk_size=chunk_size, dt_softplus=True, D=inputs["D"])
-    scalars["dt_bias"] = inputs["dt_bias"]
+    nheads = inputs["dt"].size(-1)
+    scalars = dict(
+        chunk_size=chunk_size, dt_softplus=True, D=inputs["D"], dt_bias=inputs["dt_bias"]
+    )
 
     def forward():
         if kernel == "fused":
@@ -60,9 +61,8 @@ def scan_calls(
                 inputs["xBC"], inputs["dt"], inputs["A"], nheads, d_state, **scalars
             )
         scan, _ = import_mamba_triton()
-        x, B, C = ssd_triton.unpack(inputs["xBC"], nheads, d_state)
-        one_group = (batch, seqlen, 1, d_state)
-        return scan(x, inputs["dt"], inputs["A"], B.view(one_group), C.view(one_group), **scalars)
+        x, B, C = unpack_xbc(inputs["xBC"], nheads, d_state)
+        return scan(x, inputs["dt"], inputs["A"], B.unsqueeze(2), C.unsqueeze(2), **scalars)
 
     grad = torch.randn_like(forward())
 
@@ -94,9 +94,10 @@ def conv_calls(kernel: str, inputs: dict) -> tuple[Callable, Callable]:
 
 
 def conv_inputs(batch, seqlen, nheads, headdim, dstate, dtype) -> dict[str, torch.Tensor]:
-    channels = nheads * headdim + 2 * dstate
-    projection = torch.randn(batch, seqlen, 2 * channels - 2 * dstate + nheads, device="cuda")
-    x = projection.to(dtype)[..., nheads * headdim : nheads * headdim + channels]
+    d_inner, channels = nheads * headdim, nheads * headdim + 2 * dstate
+    # in_proj's output [z | xBC | dt]; the convolution reads the xBC columns
+    projection = torch.randn(batch, seqlen, d_inner + channels + nheads, device="cuda")
+    x = projection.to(dtype)[..., d_inner : d_inner + channels]
     weight = 0.5 * torch.randn(channels, 1, 4, device="cuda")
     bias = torch.randn(channels, device="cuda")
     return {k: t.detach().requires_grad_() for k, t in dict(x=x, weight=weight, bias=bias).items()}

@@ -25,8 +25,9 @@ chunks (other sizes work too: tiles are padded to powers of two >= 16). Three ke
 A single backward kernel walking the chunks (the first version) did all of it in 600 x 4
 long programs at the ML-1M shape; split, the walk is light and the gradients run in 7x
 more, shorter programs (one layer on an H200, forward + backward: 0.74 -> 0.65 ms in
-fp32). Both spill registers about equally (`python -m benchmarks.kernel_registers`). x, B and C arrive packed in one tensor,
-as Mamba-2's convolution outputs them, and their gradient leaves packed the same way.
+fp32). Both spill registers about equally (`python -m benchmarks.kernel_registers`).
+x, B and C arrive packed in one tensor, as Mamba-2's convolution outputs them, and their
+gradient leaves packed the same way.
 There are no atomics (dA, dD, d dt_bias: per-program sums added by PyTorch), so results
 are deterministic. Matrix products run on `tl.dot` (TF32 for float32 inputs, as in
 mamba-ssm); everything else in float32.
@@ -41,6 +42,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ssd import unpack_xbc
 
 
 @triton.jit
@@ -279,6 +282,17 @@ def _blocks(chunk_size: int, headdim: int, d_state: int) -> dict:
     )  # fmt: skip
 
 
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_dt(dt: torch.Tensor, A: torch.Tensor, batch: int, seqlen: int, nheads: int) -> None:
+    if dt.shape != (batch, seqlen, nheads) or A.shape != (nheads,):
+        raise ValueError(
+            f"dt must be (B, L, H) and A (H,), got {tuple(dt.shape)} and {tuple(A.shape)}"
+        )
+
+
 def check_shapes(x, dt, A, B, C) -> None:
     """What the fused kernel supports; a clear error for anything else."""
     batch, seqlen, nheads, _ = x.shape
@@ -287,17 +301,7 @@ def check_shapes(x, dt, A, B, C) -> None:
             f"the fused SSD kernel takes one B/C group (B, L, 1, N), got B {tuple(B.shape)} "
             f"and C {tuple(C.shape)}; use ssd_kernel: mamba for several groups"
         )
-    if dt.shape != (batch, seqlen, nheads) or A.shape != (nheads,):
-        raise ValueError(
-            f"dt must be (B, L, H) and A (H,), got {tuple(dt.shape)} and {tuple(A.shape)}"
-        )
-
-
-def unpack(xBC: torch.Tensor, nheads: int, d_state: int) -> tuple[torch.Tensor, ...]:
-    """Views x (B, L, H, P), B and C (B, L, N) of a packed (B, L, H * P + 2N) tensor."""
-    d_inner = xBC.size(-1) - 2 * d_state
-    x, B, C = torch.split(xBC, [d_inner, d_state, d_state], dim=-1)
-    return x.unflatten(-1, (nheads, d_inner // nheads)), B, C
+    _check_dt(dt, A, batch, seqlen, nheads)
 
 
 class FusedSSD(torch.autograd.Function):
@@ -308,9 +312,8 @@ class FusedSSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xBC, dt, A, D, dt_bias, nheads: int, d_state: int, chunk_size: int,
                 dt_softplus: bool):  # fmt: skip
-        if xBC.stride(-1) != 1:
-            xBC = xBC.contiguous()
-        x, B, C = unpack(xBC, nheads, d_state)
+        xBC = _last_dim_contiguous(xBC)
+        x, B, C = unpack_xbc(xBC, nheads, d_state)
         batch, seqlen, _, headdim = x.shape
         nchunks = triton.cdiv(seqlen, chunk_size)
         y = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
@@ -338,17 +341,16 @@ class FusedSSD(torch.autograd.Function):
     def backward(ctx, dy):
         xBC, dt, A32, D, dt_bias, states = ctx.saved_tensors
         nheads, d_state, chunk_size = ctx.sizes
-        x, B, C = unpack(xBC, nheads, d_state)
+        x, B, C = unpack_xbc(xBC, nheads, d_state)
         batch, seqlen, _, headdim = x.shape
         nchunks = states.size(2)
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
+        dy = _last_dim_contiguous(dy)
         flags = dict(
             HAS_DTB=dt_bias is not None, DT_SOFTPLUS=ctx.dt_softplus,
             **_blocks(chunk_size, headdim, d_state),
         )  # fmt: skip
         d_xBC = torch.empty(xBC.shape, device=xBC.device, dtype=xBC.dtype)
-        dx, dB, dC = unpack(d_xBC, nheads, d_state)
+        dx, dB, dC = unpack_xbc(d_xBC, nheads, d_state)
         ddt = torch.empty(batch, seqlen, nheads, device=dt.device, dtype=dt.dtype)
         strides = (
             x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
@@ -396,10 +398,7 @@ def fused_ssd_packed(
             f"xBC's last dimension ({xBC.size(-1)}) must be H * P + 2N with H = {nheads} "
             f"heads and N = {d_state}"
         )
-    if dt.shape != (*xBC.shape[:2], nheads) or A.shape != (nheads,):
-        raise ValueError(
-            f"dt must be (B, L, H) and A (H,), got {tuple(dt.shape)} and {tuple(A.shape)}"
-        )
+    _check_dt(dt, A, *xBC.shape[:2], nheads)
     return FusedSSD.apply(xBC, dt, A, D, dt_bias, nheads, d_state, chunk_size, dt_softplus)
 
 
