@@ -216,6 +216,7 @@ def worker(args: argparse.Namespace) -> int:
     result = beauty_worker(args) if args.beauty else throughput_worker(args)
     if distributed.is_main_process():
         Path(args.worker).write_text(json.dumps(result, indent=1, default=str))
+    distributed.finish()
     return 0
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -179,9 +180,24 @@ def make_trainer(config, model, dataset) -> ProjectTrainer:
 
 
 def shutdown() -> None:
-    """Leave the process group (registered with atexit when joining)."""
+    """Leave the process group (registered with atexit when joining; `finish` on success)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP's reducer and the last collectives' tensors, freed while Python runs
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """End a run that succeeded on this rank: wait for every rank, then leave the group.
+
+    Without the barrier a rank that exits right after its last collective can reach the
+    interpreter's shutdown while a gloo worker thread still holds that collective's
+    tensors; freeing them then aborts the process ("terminate called without an active
+    exception", seen in CI on rank 1, which exits first). A run that fails leaves through
+    atexit's `shutdown`, with no barrier: the other ranks may never reach one.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        shutdown()
 
 
 # --- splitting batches across ranks -------------------------------------------------------

@@ -221,6 +221,7 @@ def main(model_name: str, argv: list[str] | None = None, default_config: Path | 
     if distributed.is_main_process():
         print(metrics_table(result["test"]))
         print(f"best checkpoint: {result['checkpoint']}")
+    distributed.finish()
     return 0
 
 
@@ -236,6 +237,7 @@ def test_main(argv: list[str] | None = None) -> int:
         return _fail(err)
     if distributed.is_main_process():
         print(metrics_table(result["test"]))
+    distributed.finish()
     return 0
 
 

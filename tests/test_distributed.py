@@ -135,6 +135,21 @@ def test_recbole_ddp_keys_are_refused_with_the_torchrun_command():
         init_from_env({"nproc": 2, "world_size": 2})
 
 
+def test_finish_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    from pipeline import distributed
+
+    distributed.finish()  # one process, no group: nothing to do
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        distributed.finish()  # barrier (one rank), then destroy
+        assert not torch.distributed.is_initialized()
+        distributed.finish()  # twice: still nothing to do
+    finally:
+        distributed.shutdown()
+
+
 # --- end to end: torchrun, gloo, 2 processes --------------------------------------------
 
 
@@ -364,6 +379,7 @@ def worker(argv: list[str]) -> None:
         out["reevaluated_one_batch"] = evaluate_checkpoint(Path(args.reference), whole)["test"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{out['rank']}.json").write_text(json.dumps(out))
+    distributed.finish()  # as run.py and test.py end
 
 
 if __name__ == "__main__":
