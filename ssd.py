@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.backend import BACKENDS, import_mamba_triton, resolve_backend
-from models.layers import LowerTriangularLinear, PrefixLayerNorm
+from models.layers import Dropout, LowerTriangularLinear, PrefixLayerNorm
 
 SSD_KERNELS = ("fused", "mamba")  # the Triton backend's scan and gated norm: ours, mamba-ssm's
 
@@ -391,11 +391,9 @@ class TiSSDBlock(nn.Module):
             linear = LowerTriangularLinear if causal_time else partial(nn.Linear, L)
             self.time_conv_1 = CausalConv1dHardswish(self.nheads, d_conv)
             self.time_conv_2 = CausalConv1dHardswish(self.nheads, d_conv)
-            self.time_mlp = nn.Sequential(
-                nn.Dropout(time_drop_out), linear(L), nn.SiLU(), linear(L)
-            )
+            self.time_mlp = nn.Sequential(Dropout(time_drop_out), linear(L), nn.SiLU(), linear(L))
             gate = linear(L) if p2p_residual else nn.Linear(L, 1)
-            self.time_gate = nn.Sequential(nn.Dropout(time_drop_out), gate, nn.Sigmoid())
+            self.time_gate = nn.Sequential(Dropout(time_drop_out), gate, nn.Sigmoid())
             self.time_norm = (PrefixLayerNorm if causal_time else nn.LayerNorm)(L)
 
     def forward(

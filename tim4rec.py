@@ -20,7 +20,7 @@ import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
 from models.backend import set_triton_autotune
-from models.layers import DropoutAddLayerNorm, FeedForward, PrefixLayerNorm
+from models.layers import Dropout, DropoutAddLayerNorm, FeedForward, PrefixLayerNorm
 from ssd import TiSSDBlock
 
 TIME_ENCODINGS = ("paper", "corrected", "causal")
@@ -66,7 +66,7 @@ class TimeGapEncoder(nn.Module):
             raise ValueError(f"time_encoding must be one of {TIME_ENCODINGS}, got {encoding!r}")
         self.encoding = encoding
         self.nheads = nheads
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         norm = PrefixLayerNorm if encoding == "causal" else nn.LayerNorm
         self.layer_norm = norm(max_seq_length)
 

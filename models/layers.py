@@ -14,6 +14,32 @@ def _runs_triton(backend: str, device: torch.device) -> bool:
     return backend != "torch" and resolve_backend(backend, device) == "triton"
 
 
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """nn.functional.dropout, with the CPU's mask drawn by torch.rand.
+
+    On the CPU ATen's bernoulli_ is ~4x slower than rand (31 vs 7.5 ms for a
+    (256, 50, 256) mask on 2 cores): a quarter of a CPU training step. Same distribution
+    (each element kept with probability 1 - p, scaled by 1 / (1 - p)), another random
+    stream. Other devices call nn.functional.dropout unchanged.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training)
+    keep = (torch.rand(x.shape, dtype=torch.float32) >= p).to(x.dtype)  # 1 keeps, 0 drops
+    scale = 1.0 / (1.0 - p)
+    if x.dtype in (torch.float32, torch.float64):
+        return x * keep.mul_(scale)  # one pass over x: the mask carries the scale
+    return x * keep * scale  # bf16, fp16: scaled in float and rounded once, as F.dropout
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout` (fast masks on the CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 def dropout_add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -30,7 +56,7 @@ def dropout_add_layer_norm(
         from models.layer_norm_triton import DropoutAddLayerNorm as Fused
 
         return Fused.apply(x, residual, weight, bias, eps, dropout_p)
-    h = F.dropout(x, dropout_p) if dropout_p > 0 else x
+    h = dropout(x, dropout_p)
     return F.layer_norm(h if residual is None else h + residual, weight.shape, weight, bias, eps)
 
 
@@ -42,7 +68,7 @@ def hardswish_dropout(x: torch.Tensor, dropout_p: float, backend: str = "torch")
 
         return HardswishDropout.apply(x, dropout_p)
     y = F.hardswish(x)
-    return F.dropout(y, dropout_p) if dropout_p > 0 else y
+    return dropout(y, dropout_p)
 
 
 class DropoutAddLayerNorm(nn.LayerNorm):
@@ -83,7 +109,7 @@ class FeedForward(nn.Module):
         self.w_1 = nn.Linear(d_model, 4 * d_model)
         self.w_2 = nn.Linear(4 * d_model, d_model)
         self.activation = activation
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layer_norm = DropoutAddLayerNorm(d_model, dropout, eps=eps, backend=backend)
         self.backend = backend
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from models.layers import FeedForward
+from models.layers import Dropout, FeedForward
 from models.selective_scan import linear_scan
 
 
@@ -52,7 +52,7 @@ class LRULayer(nn.Module):
         self.gamma_log = nn.Parameter(0.5 * torch.log(-torch.expm1(-2 * nu)))  # sqrt(1-|l|^2)
         self.in_proj = nn.Linear(d_model, 2 * d_model)  # real and imaginary parts of W_in x
         self.out_proj = nn.Linear(2 * d_model, d_model)  # Re(W_out h) from [Re h, Im h]
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model)
 
     def eigenvalues(self) -> torch.Tensor:
@@ -92,7 +92,7 @@ class LRURec(SequentialRecommender):
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
         self.layer_norm = nn.LayerNorm(self.hidden_size)
-        self.emb_dropout = nn.Dropout(self.dropout_prob)
+        self.emb_dropout = Dropout(self.dropout_prob)
         self.layers = nn.ModuleList(
             LRUBlock(
                 self.hidden_size,

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from models.layers import FeedForward
+from models.layers import Dropout, FeedForward
 from models.selective_scan import selective_scan, triton_scan_available
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class MambaLayer(nn.Module):
         super().__init__()
         self.mamba = mixer
         self.residual = residual
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = FeedForward(d_model, dropout, nn.GELU())
 
@@ -205,7 +205,7 @@ class Mamba4Rec(SequentialRecommender):
             raise ValueError(f"Mamba4Rec trains with loss_type: CE, got {config['loss_type']!r}")
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
-        self.emb_dropout = nn.Dropout(self.dropout_prob)
+        self.emb_dropout = Dropout(self.dropout_prob)
         self.layer_norm = nn.LayerNorm(self.hidden_size, eps=1e-12)
         device = torch.device(config["device"])
         self.layers = nn.ModuleList(

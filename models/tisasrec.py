@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from models.layers import Dropout
+
 
 def time_intervals(timestamps: torch.Tensor, seq_len: torch.Tensor, time_span: int) -> torch.Tensor:
     """Timestamps (B, L), right-padded, -> clipped scaled intervals r (B, L, L), int64.
@@ -69,7 +71,7 @@ class TimeIntervalAttention(nn.Module):
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(attn_dropout)
+        self.dropout = Dropout(attn_dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, d) -> (..., h, L, d_h)
         return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(-3, -2)
@@ -110,7 +112,7 @@ class PointWiseFeedForward(nn.Module):
         super().__init__()
         self.w_1 = nn.Linear(hidden_size, hidden_size)
         self.w_2 = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dropout(self.w_2(torch.relu(self.dropout(self.w_1(x)))))
@@ -151,11 +153,11 @@ class TiSASRec(SequentialRecommender):
         self.pos_v_embedding = nn.Embedding(L, d)
         self.time_k_embedding = nn.Embedding(self.time_span + 1, d)
         self.time_v_embedding = nn.Embedding(self.time_span + 1, d)
-        self.emb_dropout = nn.Dropout(self.dropout_prob)
-        self.pos_k_dropout = nn.Dropout(self.dropout_prob)
-        self.pos_v_dropout = nn.Dropout(self.dropout_prob)
-        self.time_k_dropout = nn.Dropout(self.dropout_prob)
-        self.time_v_dropout = nn.Dropout(self.dropout_prob)
+        self.emb_dropout = Dropout(self.dropout_prob)
+        self.pos_k_dropout = Dropout(self.dropout_prob)
+        self.pos_v_dropout = Dropout(self.dropout_prob)
+        self.time_k_dropout = Dropout(self.dropout_prob)
+        self.time_v_dropout = Dropout(self.dropout_prob)
         eps = config["layer_norm_eps"]
         self.layers = nn.ModuleList(
             TiSASRecLayer(d, self.n_heads, self.dropout_prob, eps) for _ in range(self.num_layers)

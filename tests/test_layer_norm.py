@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import relative_error, run_in_triton_interpreter
 
-from models.layers import DropoutAddLayerNorm, dropout_add_layer_norm
+from models.layers import DropoutAddLayerNorm, dropout, dropout_add_layer_norm
 
 # (leading shape, N, residual, layout, dropout p): ragged last tile; N not a power of two;
 # no residual (the embedding norm); a strided column slice; dropout with and without
@@ -107,7 +107,7 @@ def test_torch_backend_is_dropout_add_then_layer_norm():
     torch.manual_seed(5)
     got = norm(x, residual)
     torch.manual_seed(5)
-    want = F.layer_norm(F.dropout(x, 0.3) + residual, (16,), norm.weight, norm.bias, 1e-12)
+    want = F.layer_norm(dropout(x, 0.3) + residual, (16,), norm.weight, norm.bias, 1e-12)
     assert torch.equal(got, want)
     norm.eval()
     assert torch.equal(norm(x), F.layer_norm(x, (16,), norm.weight, norm.bias, 1e-12))
