@@ -245,8 +245,8 @@ def ssd_scan_packed(
 ) -> torch.Tensor:
     """`ssd_scan` with x, B, C packed as Mamba-2's convolution outputs them: xBC
     (B, L, H * P + 2N), one B/C group, H = A's length -> y (B, L, H, P). The fused kernel
-    reads the packed tensor and writes its gradient packed (no split, no concatenation)."""
-    check_ssd_kernel(kernel)
+    reads the packed tensor and writes its gradient packed (no split, no concatenation).
+    `kernel` is checked by `ssd_scan`, which every other value reaches."""
     nheads = A.size(0)
     if kernel == "fused" and resolve_backend(backend, xBC.device) == "triton":
         from models.ssd_triton import fused_ssd_packed

@@ -196,10 +196,9 @@ def finish() -> None:
     (verified on 2 GPUs). A run that fails leaves through atexit's `shutdown`, with no
     barrier: the other ranks may never reach one.
     """
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "gloo":
-            dist.barrier()
-        shutdown()
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.barrier()
+    shutdown()
 
 
 # --- splitting batches across ranks -------------------------------------------------------
