@@ -43,6 +43,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import model_defaults
 from pipeline.cuda_graphs import GraphedTrainingLoss
+from pipeline.optimizer import load_state_keeping_kernel, with_fused_kernel
 from pipeline.precision import autocast
 from pipeline.precompile import (
     PrecompileReport,
@@ -265,6 +266,12 @@ class SyncFreeTrainer(Trainer):
     The base of ProjectTrainer and of the data-parallel loop (pipeline/distributed.py),
     below both in the method order, as RecBole's own `_train_epoch` was.
     """
+
+    def _build_optimizer(self, **kwargs):
+        """RecBole's optimizer; Adam and AdamW with CUDA parameters run torch's fused kernel
+        when `fused_optimizer` is on (pipeline/optimizer.py)."""
+        optimizer = super()._build_optimizer(**kwargs)
+        return with_fused_kernel(optimizer) if self.config["fused_optimizer"] else optimizer
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         """RecBole's training epoch (the same steps, the same returned sum of batch losses)
@@ -543,7 +550,7 @@ class ProjectTrainer(SyncFreeTrainer):
         self.train_loss_dict = {h["epoch"]: h["train_loss"] for h in self.history}
         # A run stopped early continues only if its patience was raised.
         self.stopped_early = payload["stopped_early"] and self.cur_step > self.stopping_step
-        self.optimizer.load_state_dict(payload["optimizer"])
+        load_state_keeping_kernel(self.optimizer, payload["optimizer"])
         self._pending_rng = payload["rng"]
         self.logger.info(
             f"Checkpoint {path} loaded. Resume training from epoch {self.start_epoch}; "

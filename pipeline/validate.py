@@ -83,6 +83,7 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "train_positions": (str,),
     "precision": (str,),
     "train_cuda_graph": (bool,),
+    "fused_optimizer": (bool,),
     "triton_precompile": (bool,),
 }
 POSITIVE_KEYS = (
