@@ -94,12 +94,25 @@ def needs_triton_kernels() -> None:
         pytest.skip("mamba-ssm's Triton kernels are not installed")
 
 
+# Triton's interpreter holds a kernel's integer arguments as 1-element arrays and makes
+# them Python ints (`range(0, n, step)` in a kernel) with int(array), which numpy >= 2.4
+# refuses for arrays of one dimension: take the element instead.
+INTERPRETER_INDEX_FIX = """
+import triton.runtime.interpreter as _interpreter
+_patch = _interpreter._patch_lang_tensor
+def _patch_lang_tensor(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+_interpreter._patch_lang_tensor = _patch_lang_tensor
+"""
+
+
 def run_in_triton_interpreter(code: str) -> None:
     """Run `code` (printing 'ok' when its checks pass) with TRITON_INTERPRET=1 in a
     subprocess, so the setting does not leak into other tests; skips without Triton."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", INTERPRETER_INDEX_FIX + code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
