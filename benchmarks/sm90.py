@@ -111,8 +111,7 @@ def conv_kernel_args(L: int, C: int, row_stride: int, dtype: torch.Tensor) -> di
     )  # fmt: skip
     bwd_g = dict(
         x_ptr=dtype, w_ptr=F32, b_ptr=F32, dy_ptr=dtype, g_ptr=F32, dw_ptr=F32, db_ptr=F32,
-        batch=600, groups=k.SEQUENCE_GROUPS, s_dy_b=L * C, s_dy_l=C, s_dy_c=1, BLOCK_K=4,
-        **x_strides, **{**common, "BLOCK_L": k.BWD_BLOCK_L},
+        s_dy_b=L * C, s_dy_l=C, s_dy_c=1, **x_strides, **common,
     )  # fmt: skip
     bwd_dx = dict(g_ptr=F32, w_ptr=F32, dx_ptr=dtype, s_dx_b=L * C, s_dx_l=C, s_dx_c=1, **common)
     return {"_causal_conv_fwd": fwd, "_causal_conv_bwd_g": bwd_g, "_causal_conv_bwd_dx": bwd_dx}

@@ -5,9 +5,8 @@ models/causal_conv_triton.py).
 GPU busy time (torch.profiler) of one layer's call at the ML-1M all-positions step's
 shape, forward and forward + backward, float32 and bfloat16 inputs; for the fused kernels
 also each scan kernel's registers and spills. `--sweep` times the fused scan kernels'
-launch options (warps, pipeline stages) and the convolution's (its weight-gradient
-kernel's rows per step and sequence groups too) to choose their defaults. "time conv" is
-the time path's convolution: 4 channels of a (B, H, L) signal seen as (B, L, H).
+launch options (warps, pipeline stages) to choose their defaults. "time conv" is the time
+path's convolution: 4 channels of a (B, H, L) signal seen as (B, L, H).
 
     python -m benchmarks.ssd_kernels                     # 600 x 200, H = 4, P = N = Q = 32
     python -m benchmarks.ssd_kernels --sweep --out ssd_kernels.json
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import measure
-from models import causal_conv_triton, ssd_triton
+from models import ssd_triton
 from models.backend import import_mamba_triton
 from ssd import causal_conv1d_hardswish, unpack_xbc
 
@@ -135,38 +134,6 @@ def kernel_resources() -> dict[str, dict]:
     return found
 
 
-MODULES = {"scan": ssd_triton, "conv": causal_conv_triton}
-
-
-def apply(op: str, settings: dict) -> dict:
-    """Set a kernel module's launch options ({kernel name: options}) and constants
-    (upper-case names); returns what to pass back to undo it."""
-    module = MODULES["conv" if op.endswith("conv") else "scan"]
-    undo = {}
-    for key, value in settings.items():
-        if key.isupper():
-            undo[key] = getattr(module, key)
-            setattr(module, key, value)
-        else:
-            undo[key] = module.LAUNCH_OPTIONS[key]
-            module.LAUNCH_OPTIONS[key] = value
-    return undo
-
-
-def conv_sweep() -> list[dict]:
-    """The convolution's settings to time, one kernel at a time."""
-    out = [
-        {"BWD_BLOCK_L": rows, "SEQUENCE_GROUPS": groups,
-         "_causal_conv_bwd_g": dict(num_warps=w, num_stages=2)}
-        for rows, groups, w in itertools.product((16, 32, 64), (128, 512), (4, 8))
-    ]  # fmt: skip
-    out += [
-        {name: dict(num_warps=8, num_stages=3)}
-        for name in ("_causal_conv_fwd", "_causal_conv_bwd_dx")
-    ]
-    return out
-
-
 def time_calls(forward: Callable, forward_backward: Callable, device) -> dict:
     for _ in range(3):  # compile, autotune
         forward_backward()
@@ -209,15 +176,15 @@ def main(argv: list[str] | None = None) -> None:
             for name in ssd_triton.LAUNCH_OPTIONS
             for w, s in itertools.product((2, 4, 8), (1, 2))
         ]
-        variants += [(op, "fused", c) for c in conv_sweep() for op in ("conv", "time conv")]
     ops = {op.strip() for op in args.ops.split(",")}
     variants = [v for v in variants if v[0] in ops]
+    defaults = {name: dict(options) for name, options in ssd_triton.LAUNCH_OPTIONS.items()}
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         scan_in, conv_in = make_inputs(*shape, dtype), conv_inputs(*shape, dtype)
         time_in = time_conv_inputs(args.windows, args.seq_len, args.heads, dtype)
         for op, kernel, options in variants:
-            undo = apply(op, options)
+            ssd_triton.LAUNCH_OPTIONS.update(options)
             try:
                 if op == "scan":
                     calls = scan_calls(kernel, scan_in, args.d_state, args.chunk_size)
@@ -227,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as err:  # one failing option keeps the others
                 timing = dict(error=f"{type(err).__name__}: {str(err)[:200]}")
             rows.append(dict(op=op, kernel=kernel, dtype=str(dtype)[6:], options=options, **timing))
-            apply(op, undo)
+            ssd_triton.LAUNCH_OPTIONS.update(defaults)
     print(f"{torch.cuda.get_device_name(device)}, one layer, (B, L, H, P, N) = {shape}, "
           f"Q = {args.chunk_size}; GPU busy ms")  # fmt: skip
     print("| op | kernel | dtype | options | forward | backward | forward + backward |")

@@ -23,18 +23,6 @@ import triton.language as tl
 
 BLOCK_L = 64
 MAX_BLOCK_C = 64
-# The weight-gradient kernel: G = min(B, SEQUENCE_GROUPS) programs per channel block, each
-# walking its sequences along L with its partial sums in registers: G partial rows to add
-# up instead of one per (sequence, L block). A fixed G keeps the sums' order, hence the
-# result, the same on every GPU.
-SEQUENCE_GROUPS = 256
-BWD_BLOCK_L = 32  # its rows per step along L
-# Launch options per kernel (benchmarks/ssd_kernels.py --sweep times others)
-LAUNCH_OPTIONS = {
-    "_causal_conv_fwd": dict(num_warps=4, num_stages=3),
-    "_causal_conv_bwd_g": dict(num_warps=4, num_stages=2),
-    "_causal_conv_bwd_dx": dict(num_warps=4, num_stages=3),
-}
 
 
 @triton.jit
@@ -80,48 +68,36 @@ def _causal_conv_fwd(
 @triton.jit
 def _causal_conv_bwd_g(
     x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
-    batch, groups, L, C,
+    L, C,
     s_x_b, s_x_l, s_x_c,
     s_dy_b, s_dy_l, s_dy_c,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """g = dy * hardswish'(pre) (float32, (B, L, C) contiguous) for sequences pid, pid + G,
-    ... (`groups` = G programs on axis 0), walking each along L; their sums of
-    g * x[l - (K-1) + k] and of g kept in registers, stored once, transposed: dw partial
-    (C, K, G), db partial (C, G)."""
-    pid = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_k = tl.arange(0, BLOCK_K)
+    """g = dy * hardswish'(pre) (float32, (B, L, C) contiguous); this tile's sums of
+    g * x[l - (K-1) + k] (dw partial, (n_tiles, C, K)) and of g (db partial, (n_tiles, C))."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_l = tl.program_id(1)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    for first in range(0, batch, groups):
-        b = first + pid
-        live = mask_c & (b < batch)  # the last round may run past the batch: no-ops
-        x_base = x_ptr + b.to(tl.int64) * s_x_b
-        dy_base = dy_ptr + b.to(tl.int64) * s_dy_b
-        g_base = g_ptr + b.to(tl.int64) * L * C
-        for start in range(0, L, BLOCK_L):
-            offs_l = start + tl.arange(0, BLOCK_L)
-            rows = (offs_l < L)[:, None] & live[None, :]
-            pre = _conv_tile(x_base, w_ptr, b_ptr, offs_l, offs_c, live, L, s_x_l, s_x_c, K)
-            dy = tl.load(
-                dy_base + offs_l[:, None] * s_dy_l + offs_c[None, :] * s_dy_c, mask=rows, other=0.0
-            ).to(tl.float32)
-            g = tl.where(rows, dy * hardswish_grad(pre), 0.0)
-            tl.store(g_base + offs_l[:, None] * C + offs_c[None, :], g, mask=rows)
-            db += tl.sum(g, axis=0)
-            for k in tl.static_range(K):
-                src = offs_l - (K - 1) + k
-                valid = ((src >= 0) & (src < L))[:, None] & live[None, :]
-                x = tl.load(
-                    x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0
-                )
-                tap = tl.sum(g * x.to(tl.float32), axis=0)
-                dw += tl.where(offs_k[:, None] == k, tap[None, :], 0.0)
-    tl.store(db_ptr + offs_c * groups + pid, db, mask=mask_c)
-    taps = (offs_k < K)[:, None] & mask_c[None, :]
-    tl.store(dw_ptr + (offs_c[None, :] * K + offs_k[:, None]) * groups + pid, dw, mask=taps)
+    rows = (offs_l < L)[:, None] & mask_c[None, :]
+    x_base = x_ptr + b * s_x_b
+    pre = _conv_tile(x_base, w_ptr, b_ptr, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K)
+    dy = tl.load(
+        dy_ptr + b * s_dy_b + offs_l[:, None] * s_dy_l + offs_c[None, :] * s_dy_c,
+        mask=rows,
+        other=0.0,
+    ).to(tl.float32)
+    g = tl.where(rows, dy * hardswish_grad(pre), 0.0)
+    tl.store(g_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :], g, mask=rows)
+    tile = b * tl.num_programs(1) + pid_l
+    tl.store(db_ptr + tile * C + offs_c, tl.sum(g, axis=0), mask=mask_c)
+    for k in tl.static_range(K):
+        src = offs_l - (K - 1) + k
+        valid = ((src >= 0) & (src < L))[:, None] & mask_c[None, :]
+        x = tl.load(x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0)
+        dw = tl.sum(g * x.to(tl.float32), axis=0)
+        tl.store(dw_ptr + (tile * C + offs_c) * K + k, dw, mask=mask_c)
 
 
 @triton.jit
@@ -164,7 +140,7 @@ class CausalConvHardswish(torch.autograd.Function):
         grid, block_c = _grid(batch, length, channels)
         _causal_conv_fwd[grid](
             x, weight, bias, y, length, channels, *x.stride(), *y.stride(),
-            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c, **LAUNCH_OPTIONS["_causal_conv_fwd"],
+            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias)
         return y
@@ -175,19 +151,17 @@ class CausalConvHardswish(torch.autograd.Function):
         batch, length, channels = x.shape
         K = weight.shape[-1]
         grid, block_c = _grid(batch, length, channels)
-        groups = min(batch, SEQUENCE_GROUPS)
+        tiles = grid[0] * grid[1]
         g = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
-        dw = torch.empty(channels, K, groups, device=x.device, dtype=torch.float32)
-        db = torch.empty(channels, groups, device=x.device, dtype=torch.float32)
-        _causal_conv_bwd_g[(groups, grid[2])](
-            x, weight, bias, dy, g, dw, db, batch, groups, length, channels,
-            *x.stride(), *dy.stride(),
-            K=K, BLOCK_K=triton.next_power_of_2(K), BLOCK_L=BWD_BLOCK_L, BLOCK_C=block_c,
-            **LAUNCH_OPTIONS["_causal_conv_bwd_g"],
+        dw = torch.empty(tiles, channels, K, device=x.device, dtype=torch.float32)
+        db = torch.empty(tiles, channels, device=x.device, dtype=torch.float32)
+        _causal_conv_bwd_g[grid](
+            x, weight, bias, dy, g, dw, db, length, channels, *x.stride(), *dy.stride(),
+            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
         )  # fmt: skip
         dx = torch.empty_like(x)
         _causal_conv_bwd_dx[grid](
             g, weight, dx, length, channels, *dx.stride(),
-            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c, **LAUNCH_OPTIONS["_causal_conv_bwd_dx"],
+            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
         )  # fmt: skip
-        return dx, dw.sum(-1).reshape(channels, 1, K), db.sum(-1)
+        return dx, dw.sum(0).reshape(channels, 1, K), db.sum(0)

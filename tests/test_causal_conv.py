@@ -41,22 +41,9 @@ def _input(gen: torch.Generator, batch: int, length: int, channels: int, layout:
     return 3 * torch.randn(batch, length, channels, generator=gen, dtype=torch.float64)
 
 
-def check_against_reference(
-    device: str, case: tuple, seed: int, dtype=torch.float32, groups: int | None = None
-) -> dict:
-    """Relative errors of the Triton kernels (in `dtype`) against the float64 reference;
-    `groups`: the weight-gradient kernel's programs per channel block (its default: one
-    per sequence up to SEQUENCE_GROUPS)."""
-    from models import causal_conv_triton
+def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.float32) -> dict:
+    """Relative errors of the Triton kernels (in `dtype`) against the float64 reference."""
     from models.causal_conv_triton import CausalConvHardswish
-
-    if groups is not None:
-        default = causal_conv_triton.SEQUENCE_GROUPS
-        causal_conv_triton.SEQUENCE_GROUPS = groups
-        try:
-            return check_against_reference(device, case, seed, dtype)
-        finally:
-            causal_conv_triton.SEQUENCE_GROUPS = default
 
     batch, length, channels, kernel, layout = case
     gen = torch.Generator().manual_seed(seed)
@@ -103,17 +90,6 @@ def test_fused_causal_conv_matches_reference_on_gpu(case):
     assert max(errors.values()) < 1e-5, errors
 
 
-# 7 sequences, 3 programs per channel block: each walks 2 or 3 sequences
-SEVERAL_PER_PROGRAM = ((7, 70, 130, 4, "slice"), 3)
-
-
-@pytest.mark.gpu
-def test_fused_causal_conv_with_several_sequences_per_program_on_gpu():
-    case, groups = SEVERAL_PER_PROGRAM
-    errors = check_against_reference("cuda", case, seed=11, groups=groups)
-    assert max(errors.values()) < 1e-5, errors
-
-
 @pytest.mark.gpu
 def test_fused_causal_conv_in_bf16_rounds_only_its_output():
     errors = check_against_reference("cuda", CASES[1], seed=3, dtype=torch.bfloat16)
@@ -123,13 +99,10 @@ def test_fused_causal_conv_in_bf16_rounds_only_its_output():
 def test_fused_causal_conv_in_interpreter():
     """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
     code = (
-        "from tests.test_causal_conv import CASES, SEVERAL_PER_PROGRAM, check_against_reference\n"
+        "from tests.test_causal_conv import CASES, check_against_reference\n"
         "for i, case in enumerate(CASES):\n"
         "    errors = check_against_reference('cpu', case, seed=i)\n"
         "    assert max(errors.values()) < 1e-5, (case, errors)\n"
-        "case, groups = SEVERAL_PER_PROGRAM\n"
-        "errors = check_against_reference('cpu', case, seed=11, groups=groups)\n"
-        "assert max(errors.values()) < 1e-5, errors\n"
         "print('ok')\n"
     )
     run_in_triton_interpreter(code)
