@@ -74,7 +74,8 @@ def _causal_conv_bwd_g(
     K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """g = dy * hardswish'(pre) (float32, (B, L, C) contiguous); this tile's sums of
-    g * x[l - (K-1) + k] (dw partial, (n_tiles, C, K)) and of g (db partial, (n_tiles, C))."""
+    g * x[l - (K-1) + k] (dw partial, (C, K, n_tiles)) and of g (db partial, (C, n_tiles)),
+    transposed: PyTorch adds up rows much faster than columns."""
     b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -91,13 +92,14 @@ def _causal_conv_bwd_g(
     g = tl.where(rows, dy * hardswish_grad(pre), 0.0)
     tl.store(g_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :], g, mask=rows)
     tile = b * tl.num_programs(1) + pid_l
-    tl.store(db_ptr + tile * C + offs_c, tl.sum(g, axis=0), mask=mask_c)
+    tiles = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(db_ptr + offs_c * tiles + tile, tl.sum(g, axis=0), mask=mask_c)
     for k in tl.static_range(K):
         src = offs_l - (K - 1) + k
         valid = ((src >= 0) & (src < L))[:, None] & mask_c[None, :]
         x = tl.load(x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0)
         dw = tl.sum(g * x.to(tl.float32), axis=0)
-        tl.store(dw_ptr + (tile * C + offs_c) * K + k, dw, mask=mask_c)
+        tl.store(dw_ptr + (offs_c * K + k) * tiles + tile, dw, mask=mask_c)
 
 
 @triton.jit
@@ -153,8 +155,8 @@ class CausalConvHardswish(torch.autograd.Function):
         grid, block_c = _grid(batch, length, channels)
         tiles = grid[0] * grid[1]
         g = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
-        dw = torch.empty(tiles, channels, K, device=x.device, dtype=torch.float32)
-        db = torch.empty(tiles, channels, device=x.device, dtype=torch.float32)
+        dw = torch.empty(channels, K, tiles, device=x.device, dtype=torch.float32)
+        db = torch.empty(channels, tiles, device=x.device, dtype=torch.float32)
         _causal_conv_bwd_g[grid](
             x, weight, bias, dy, g, dw, db, length, channels, *x.stride(), *dy.stride(),
             K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
@@ -164,4 +166,4 @@ class CausalConvHardswish(torch.autograd.Function):
             g, weight, dx, length, channels, *dx.stride(),
             K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
         )  # fmt: skip
-        return dx, dw.sum(0).reshape(channels, 1, K), db.sum(0)
+        return dx, dw.sum(-1).reshape(channels, 1, K), db.sum(-1)

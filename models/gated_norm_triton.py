@@ -57,7 +57,8 @@ def _gated_rms_norm_bwd(
     M, N, s_x, s_z, s_dy, s_dx, s_dz,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dx, dz, and this program's sum of dy * v / rms (the weight's gradient) in dw[pid]."""
+    """dx, dz, and this program's sum of dy * v / rms (the weight's gradient) in dw[:, pid]
+    (transposed, (N, programs): PyTorch adds up rows much faster than columns)."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
@@ -68,7 +69,7 @@ def _gated_rms_norm_bwd(
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + r64 * s_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     normed = v * rstd[:, None]
-    tl.store(dw_ptr + pid * N + cols, tl.sum(dy * normed, axis=0), mask=cols < N)
+    tl.store(dw_ptr + cols * tl.num_programs(0) + pid, tl.sum(dy * normed, axis=0), mask=cols < N)
     dyw = dy * w[None, :]
     # d/dv of v * rstd(v): rstd * (dyw - normed * mean(dyw * normed))
     dv = rstd[:, None] * (dyw - normed * (tl.sum(dyw * normed, axis=1) / N)[:, None])
@@ -115,13 +116,13 @@ class GatedRMSNorm(torch.autograd.Function):
         programs = triton.cdiv(M, ROWS)
         dx = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
         dz = torch.empty(M, N, device=x2.device, dtype=z2.dtype)
-        dw = torch.empty(programs, N, device=x2.device, dtype=torch.float32)
+        dw = torch.empty(N, programs, device=x2.device, dtype=torch.float32)
         _gated_rms_norm_bwd[(programs,)](
             x2, z2, weight, dy2, rstd, dx, dz, dw,
             M, N, x2.stride(0), z2.stride(0), dy2.stride(0), dx.stride(0), dz.stride(0),
             ROWS=ROWS, BLOCK_N=triton.next_power_of_2(N), num_warps=4,
         )  # fmt: skip
-        return dx.view(x_shape), dz.view(z_shape), dw.sum(0).to(weight.dtype), None
+        return dx.view(x_shape), dz.view(z_shape), dw.sum(1).to(weight.dtype), None
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):

@@ -172,8 +172,10 @@ def _dropout_add_layer_norm_bwd(
         x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows + 3 * QROWS, cols, w,
         r3, M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
     )  # fmt: skip
-    tl.store(dw_ptr + pid * N + cols, dw + dw1 + dw2 + dw3, mask=cols < N)
-    tl.store(db_ptr + pid * N + cols, db + db1 + db2 + db3, mask=cols < N)
+    # transposed, (N, tiles): PyTorch adds up rows much faster than columns
+    tiles = tl.num_programs(0)
+    tl.store(dw_ptr + cols * tiles + pid, dw + dw1 + dw2 + dw3, mask=cols < N)
+    tl.store(db_ptr + cols * tiles + pid, db + db1 + db2 + db3, mask=cols < N)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -234,7 +236,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         dres = torch.empty((M, N), device=x2.device, dtype=res_dtype) if store_dres else None
         qrows, block_n = _blocks(N)
         tiles = triton.cdiv(M, 4 * qrows)
-        dw_tiles = torch.empty((tiles, N), device=x2.device, dtype=torch.float32)
+        dw_tiles = torch.empty((N, tiles), device=x2.device, dtype=torch.float32)
         db_tiles = torch.empty_like(dw_tiles)
         _dropout_add_layer_norm_bwd[(tiles,)](
             x2, res2, weight, dy2, dx, dres, dw_tiles, db_tiles, mean, rstd, seed,
@@ -243,7 +245,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
             HAS_RES=res2 is not None, STORE_DRES=store_dres, HAS_DROPOUT=ctx.p > 0,
             QROWS=qrows, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
-        dweight = dw_tiles.sum(0).to(weight.dtype)
-        dbias = db_tiles.sum(0).to(bias_dtype)
+        dweight = dw_tiles.sum(1).to(weight.dtype)
+        dbias = db_tiles.sum(1).to(bias_dtype)
         dres = dres.view(ctx.shape) if store_dres else None
         return dx.view(ctx.shape), dres, dweight, dbias, None, None

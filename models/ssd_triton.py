@@ -187,7 +187,8 @@ def _ssd_bwd_chunk(
     of the state leaving it (_ssd_bwd_dstates): no chunk waits for another. One program
     per (batch row, chunk) loops over the heads, so dB and dC (shared by the heads) are
     summed in registers and written once. Writes dx, ddt_raw, dB, dC and per program the
-    sums dD, dA, d dt_bias (B, NCHUNKS, H, 3). Each gradient is stored as soon as it is
+    sums dD, dA, d dt_bias (H, 3, B * NCHUNKS: rows, which PyTorch adds up much faster
+    than columns). Each gradient is stored as soon as it is
     complete, to keep few tiles live (registers)."""
     bidx = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -250,10 +251,11 @@ def _ssd_bwd_chunk(
         ddt = tl.where(valid, ddt, 0.0)
         tl.store(ddt_ptr + bidx * s_ddtb + t.to(tl.int64) * s_ddtl + h,
                  ddt.to(ddt_ptr.dtype.element_ty), mask=valid)  # fmt: skip
-        sums = dsum_ptr + ((bidx * NCHUNKS + c) * NHEADS + h) * 3
+        programs = tl.num_programs(0) * NCHUNKS
+        sums = dsum_ptr + h * 3 * programs + bidx * NCHUNKS + c
         tl.store(sums, tl.sum(tl.sum(dy * x, 1), 0))  # dD
-        tl.store(sums + 1, tl.sum(d_a * dt, 0))  # dA
-        tl.store(sums + 2, tl.sum(ddt, 0))  # d dt_bias
+        tl.store(sums + programs, tl.sum(d_a * dt, 0))  # dA
+        tl.store(sums + 2 * programs, tl.sum(ddt, 0))  # d dt_bias
     tl.store(db_ptr + bidx * s_dbb + t64 * s_dbl + offs_n[None, :],
              dB.to(db_ptr.dtype.element_ty), mask=mask_n)  # fmt: skip
     tl.store(dc_ptr + bidx * s_dcb + t64 * s_dcl + offs_n[None, :],
@@ -365,7 +367,7 @@ class FusedSSD(torch.autograd.Function):
             dy.stride(0), dy.stride(1), dy.stride(2),
             NCHUNKS=nchunks, **flags, **LAUNCH_OPTIONS["_ssd_bwd_dstates"],
         )  # fmt: skip
-        sums = torch.empty(batch, nchunks, nheads, 3, device=dt.device, dtype=torch.float32)
+        sums = torch.empty(nheads, 3, batch * nchunks, device=dt.device, dtype=torch.float32)
         _ssd_bwd_chunk[(batch, nchunks)](
             x, dt, A32, B, C, D, dt_bias, dy, states, d_states, dx, ddt, dB, dC, sums,
             seqlen, *strides, ddt.stride(0), ddt.stride(1),
@@ -373,7 +375,7 @@ class FusedSSD(torch.autograd.Function):
             NCHUNKS=nchunks, NHEADS=nheads, HAS_D=D is not None, **flags,
             **LAUNCH_OPTIONS["_ssd_bwd_chunk"],
         )  # fmt: skip
-        sums = sums.sum((0, 1))  # (H, 3): dD, dA, d dt_bias
+        sums = sums.sum(-1)  # (H, 3): dD, dA, d dt_bias
         dD = sums[:, 0].to(D.dtype) if D is not None else None
         dA = sums[:, 1].to(ctx.a_dtype)
         d_dt_bias = sums[:, 2].to(dt_bias.dtype) if dt_bias is not None else None
