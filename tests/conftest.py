@@ -113,6 +113,10 @@ def run_in_triton_interpreter(code: str) -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_INDEX_FIX + code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", INTERPRETER_INDEX_FIX + code],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
