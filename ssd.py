@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.backend import BACKENDS, import_mamba_triton, resolve_backend
-from models.layers import Dropout, LowerTriangularLinear, PrefixLayerNorm
+from models.layers import Dropout, Linear, LowerTriangularLinear, PrefixLayerNorm
 
 SSD_KERNELS = ("fused", "mamba")  # the Triton backend's scan and gated norm: ours, mamba-ssm's
 
@@ -366,7 +366,7 @@ class TiSSDBlock(nn.Module):
         self.ssd_kernel = check_ssd_kernel(ssd_kernel)
 
         # [z | xBC | dt]: gate, conv input (x, B, C with one group), per-head step size
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads)
+        self.in_proj = Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads, backend)
         conv_dim = self.d_inner + 2 * d_state
         self.conv1d = CausalConv1dHardswish(conv_dim, d_conv)
 
@@ -377,7 +377,7 @@ class TiSSDBlock(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, d_model)
+        self.out_proj = Linear(self.d_inner, d_model, backend)
 
         if is_time:
             # causal_time: the time path's maps along L see only earlier positions, so the

@@ -40,6 +40,29 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "torch"
+) -> torch.Tensor:
+    """nn.functional.linear; on the Triton backend with a bias, its bias gradient is a
+    Triton column sum (models/linear_triton.py), the products stay cuBLAS's."""
+    if bias is not None and _runs_triton(backend, x.device):
+        from models.linear_triton import LinearColumnSumBias
+
+        return LinearColumnSumBias.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (the same parameters and state dict)."""
+
+    def __init__(self, in_features: int, out_features: int, backend: str = "torch") -> None:
+        super().__init__(in_features, out_features)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.backend)
+
+
 def dropout_add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -94,7 +117,8 @@ class FeedForward(nn.Module):
 
     out = LayerNorm(Dropout(W2 Dropout(act(W1 x))) + x), W1: d -> 4d, W2: 4d -> d.
     On the Triton backend (`backend` "triton", or "auto" on CUDA) the residual norm and a
-    Hardswish activation with its dropout run as fused kernels.
+    Hardswish activation with its dropout run as fused kernels, and the bias gradients as
+    Triton column sums.
     """
 
     def __init__(
@@ -106,8 +130,8 @@ class FeedForward(nn.Module):
         backend: str = "torch",
     ) -> None:
         super().__init__()
-        self.w_1 = nn.Linear(d_model, 4 * d_model)
-        self.w_2 = nn.Linear(4 * d_model, d_model)
+        self.w_1 = Linear(d_model, 4 * d_model, backend)
+        self.w_2 = Linear(4 * d_model, d_model, backend)
         self.activation = activation
         self.dropout = Dropout(dropout)
         self.layer_norm = DropoutAddLayerNorm(d_model, dropout, eps=eps, backend=backend)

@@ -100,3 +100,13 @@ def test_ptxas_reports_registers_and_spills():
     resources = ptxas_resources(ptx)
     assert 16 <= resources["registers"] <= 255
     assert resources["spill_stores"] == 0 and resources["spill_loads"] == 0
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_linear_column_sum_kernel_compiles(dtype):
+    from models import linear_triton as k
+
+    compile_for_sm90(
+        k._column_sum_partial, x_ptr=dtype, partial_ptr=F32, M=120_000, N=324, s_m=324,
+        ROWS_PER_PROGRAM=k.ROWS_PER_PROGRAM, BLOCK_M=k.BLOCK_M, BLOCK_N=k.MAX_BLOCK_N,
+    )  # fmt: skip
