@@ -40,12 +40,20 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+# Outputs at least this wide get the Triton column sum for their bias gradient; for
+# narrower ones PyTorch's sum is faster (H200, 128,200 rows: 38 against 54 us at 64 columns,
+# 120 against 64 at 324; docs/performance_notes.md).
+COLUMN_SUM_MIN_FEATURES = 128
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "torch"
 ) -> torch.Tensor:
-    """nn.functional.linear; on the Triton backend with a bias, its bias gradient is a
-    Triton column sum (models/linear_triton.py), the products stay cuBLAS's."""
-    if bias is not None and _runs_triton(backend, x.device):
+    """nn.functional.linear; on the Triton backend with a bias and at least
+    COLUMN_SUM_MIN_FEATURES outputs, its bias gradient is a Triton column sum
+    (models/linear_triton.py), the products stay cuBLAS's."""
+    wide = bias is not None and weight.shape[0] >= COLUMN_SUM_MIN_FEATURES
+    if wide and _runs_triton(backend, x.device):
         from models.linear_triton import LinearColumnSumBias
 
         return LinearColumnSumBias.apply(x, weight, bias)
@@ -117,8 +125,8 @@ class FeedForward(nn.Module):
 
     out = LayerNorm(Dropout(W2 Dropout(act(W1 x))) + x), W1: d -> 4d, W2: 4d -> d.
     On the Triton backend (`backend` "triton", or "auto" on CUDA) the residual norm and a
-    Hardswish activation with its dropout run as fused kernels, and the bias gradients as
-    Triton column sums.
+    Hardswish activation with its dropout run as fused kernels, and W1's bias gradient
+    (W2's too when d >= 128) as a Triton column sum (`linear`).
     """
 
     def __init__(

@@ -5,6 +5,8 @@ interpreter."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,29 @@ def test_the_torch_backend_and_bias_free_layers_call_functional_linear():
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     torch.testing.assert_close(linear(x, w, None, "auto"), F.linear(x, w))
     torch.testing.assert_close(linear(x, w, torch.ones(5), "torch"), F.linear(x, w) + 1)
+
+
+def test_only_wide_layers_with_a_bias_take_the_column_sum(monkeypatch):
+    """The dispatch, without Triton: a stand-in for models.linear_triton records calls."""
+    import types
+
+    import models.layers as layers
+
+    calls = []
+    fake = types.SimpleNamespace(
+        LinearColumnSumBias=types.SimpleNamespace(
+            apply=lambda x, w, b: calls.append(w.shape[0]) or F.linear(x, w, b)
+        )
+    )
+    monkeypatch.setitem(sys.modules, "models.linear_triton", fake)
+    monkeypatch.setattr(layers, "_runs_triton", lambda backend, device: True)
+    x = torch.randn(3, 4)
+    wide = layers.COLUMN_SUM_MIN_FEATURES
+    for rows, bias in ((wide, True), (wide - 1, True), (wide, False)):
+        w = torch.randn(rows, 4)
+        b = torch.randn(rows) if bias else None
+        torch.testing.assert_close(linear(x, w, b, "triton"), F.linear(x, w, b))
+    assert calls == [wide]
 
 
 def test_column_sum_and_linear_in_interpreter():
