@@ -159,6 +159,9 @@ def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(ml_tiny, tmp_p
             env=ONE_THREAD_ENV,
             stdout=out,
             stderr=subprocess.STDOUT,
+            # as from a terminal: a test run started in the background (`pytest &` in a
+            # script) passes SIGINT on as ignored, and this Ctrl-C would never arrive
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             wait_for(lambda: log.read_text().count("Saving last") >= 2, 300, "two epochs")
