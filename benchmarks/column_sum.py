@@ -7,22 +7,18 @@ rows against the Triton column sum (models/linear_triton.py), GPU time per call.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
+from benchmarks import measure
+
 
 def time_us(fn, calls: int = 50) -> float:
-    """Mean GPU microseconds per call of `fn`, from CUDA events around `calls` calls."""
+    """Median GPU microseconds per call of `fn` (measure.time_calls), after a warm-up."""
     for _ in range(5):  # compile, warm up
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / calls
+    return 1e6 * statistics.median(measure.time_calls(fn, torch.device("cuda"), calls))
 
 
 def main(argv: list[str] | None = None) -> None:

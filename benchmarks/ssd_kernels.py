@@ -94,11 +94,16 @@ def conv_calls(kernel: str, inputs: dict) -> tuple[Callable, Callable]:
     return forward, forward_backward
 
 
+def _conv_leaves(x: torch.Tensor, channels: int) -> dict[str, torch.Tensor]:
+    """x and a random weight (channels, 1, 4) and bias, as leaves requiring gradients."""
+    weight = 0.5 * torch.randn(channels, 1, 4, device="cuda")
+    bias = torch.randn(channels, device="cuda")
+    return {k: t.detach().requires_grad_() for k, t in dict(x=x, weight=weight, bias=bias).items()}
+
+
 def time_conv_inputs(batch, seqlen, nheads, dtype) -> dict[str, torch.Tensor]:
     x = torch.randn(batch, nheads, seqlen, device="cuda").to(dtype).transpose(1, 2)
-    weight = 0.5 * torch.randn(nheads, 1, 4, device="cuda")
-    bias = torch.randn(nheads, device="cuda")
-    return {k: t.detach().requires_grad_() for k, t in dict(x=x, weight=weight, bias=bias).items()}
+    return _conv_leaves(x, nheads)
 
 
 def conv_inputs(batch, seqlen, nheads, headdim, dstate, dtype) -> dict[str, torch.Tensor]:
@@ -106,9 +111,7 @@ def conv_inputs(batch, seqlen, nheads, headdim, dstate, dtype) -> dict[str, torc
     # in_proj's output [z | xBC | dt]; the convolution reads the xBC columns
     projection = torch.randn(batch, seqlen, d_inner + channels + nheads, device="cuda")
     x = projection.to(dtype)[..., d_inner : d_inner + channels]
-    weight = 0.5 * torch.randn(channels, 1, 4, device="cuda")
-    bias = torch.randn(channels, device="cuda")
-    return {k: t.detach().requires_grad_() for k, t in dict(x=x, weight=weight, bias=bias).items()}
+    return _conv_leaves(x, channels)
 
 
 def kernel_resources() -> dict[str, dict]:

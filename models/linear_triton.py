@@ -2,12 +2,13 @@
 
 PyTorch's backward of `F.linear` sums the output gradient over its rows with a generic
 reduction kernel: for TiM4Rec's in_proj and first FFN layer at the ML-1M all-positions
-step (128,200 rows of 324 and 256 columns) it takes ~120 us each in fp32 on an H200, ~1.1-1.4
-TB/s. Here each program adds up a block of rows in float32 registers and stores one
-partial row, transposed; PyTorch adds up the few partial rows: ~60 us. At 64 columns
-PyTorch's sum is faster (38 against 54 us), so `models.layers.linear` sends only outputs of
-at least COLUMN_SUM_MIN_FEATURES columns here (docs/performance_notes.md). The matrix products stay cuBLAS's, in the dtype autocast gives them, as F.linear's
-own backward computes them. Deterministic: a fixed order of additions.
+step (128,200 rows of 324 and 256 columns) it takes ~120 us each in fp32 on an H200
+(1.1-1.4 TB/s). Here each program adds up a block of rows in float32 registers and stores
+one partial row, transposed; PyTorch adds up the few partial rows: ~60 us. At 64 columns
+PyTorch's sum is faster (38 against 54 us), so `models.layers.linear` sends only outputs
+of at least COLUMN_SUM_MIN_FEATURES columns here (docs/performance_notes.md). The matrix
+products stay cuBLAS's, in the dtype autocast gives them, as F.linear's own backward
+computes them. Deterministic: a fixed order of additions.
 
 `models.layers.linear` dispatches here on the Triton backend; tests/test_linear.py compares
 with F.linear (values and gradients, float32 and bf16 autocast; CUDA and the interpreter).
