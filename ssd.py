@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.backend import BACKENDS, import_mamba_triton, resolve_backend
-from models.layers import Dropout, Linear, LowerTriangularLinear, PrefixLayerNorm
+from models.layers import Dropout, LowerTriangularLinear, PrefixLayerNorm, fuses_bias
 
 SSD_KERNELS = ("fused", "mamba")  # the Triton backend's scan and gated norm: ours, mamba-ssm's
 
@@ -171,11 +171,16 @@ def ssd_chunked(
 
 
 def rmsnorm_gated_reference(
-    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    z_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gate, then RMS-normalise: v = x * silu(z); weight * v / sqrt(mean(v^2) + eps)."""
+    """Gate, then RMS-normalise: v = x * silu(z + z_bias); weight * v / sqrt(mean(v^2) + eps)."""
     dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32, float64 stays
-    v = x.to(dtype) * F.silu(z.to(dtype))
+    z = z.to(dtype) if z_bias is None else z.to(dtype) + z_bias.to(dtype)
+    v = x.to(dtype) * F.silu(z)
     out = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + eps)
     return (out * weight.to(dtype)).to(x.dtype)
 
@@ -269,39 +274,54 @@ def rmsnorm_gated(
     eps: float,
     backend: str = "auto",
     kernel: str = "fused",
+    z_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated RMSNorm over the last axis (gate before norm), on the chosen backend; on the
-    Triton backend `kernel` picks this project's row-tiled kernel or mamba-ssm's."""
+    Triton backend `kernel` picks this project's row-tiled kernel or mamba-ssm's.
+    `z_bias`: the bias of the product z comes from, added (and its gradient summed) by the
+    fused kernel."""
     check_ssd_kernel(kernel)
     if resolve_backend(backend, x.device) == "triton":
         if kernel == "fused":
             from models.gated_norm_triton import gated_rms_norm
 
-            return gated_rms_norm(x, z, weight, eps)
+            return gated_rms_norm(x, z, weight, eps, z_bias)
         _, rmsnorm_fn = import_mamba_triton()
+        z = z if z_bias is None else z + z_bias
         return rmsnorm_fn(x, weight, None, z=z, eps=eps, norm_before_gate=False)
-    return rmsnorm_gated_reference(x, z, weight, eps)
+    return rmsnorm_gated_reference(x, z, weight, eps, z_bias)
 
 
 def causal_conv1d_hardswish_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """hardswish(causal depthwise conv along L): x (B, L, C), weight (C, 1, K), bias (C,)."""
+    """hardswish(causal depthwise conv of x + x_bias along L): x (B, L, C), weight
+    (C, 1, K), bias and x_bias (C,)."""
+    if x_bias is not None:
+        x = x + x_bias
     K, length = weight.shape[-1], x.shape[1]
     conv = F.conv1d(x.transpose(1, 2), weight, bias, padding=K - 1, groups=x.shape[-1])
     return F.hardswish(conv[..., :length]).transpose(1, 2)  # (B, L, C)
 
 
 def causal_conv1d_hardswish(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    backend: str = "auto",
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, L, C) -> (B, L, C): one fused Triton kernel each way on the Triton backend
-    (models/causal_conv_triton.py), nn.functional otherwise."""
+    (models/causal_conv_triton.py), nn.functional otherwise. `x_bias`: the bias of the
+    product x comes from, added (and its gradient summed) by the kernels."""
     if resolve_backend(backend, x.device) == "triton":
         from models.causal_conv_triton import CausalConvHardswish
 
-        return CausalConvHardswish.apply(x, weight, bias)
-    return causal_conv1d_hardswish_reference(x, weight, bias)
+        return CausalConvHardswish.apply(x, weight, bias, x_bias)
+    return causal_conv1d_hardswish_reference(x, weight, bias, x_bias)
 
 
 # --------------------------------------------------------------------------------------
@@ -319,8 +339,10 @@ class CausalConv1dHardswish(nn.Conv1d):
             channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=True
         )
 
-    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        return causal_conv1d_hardswish(x, self.weight, self.bias, backend)  # (B, L, C)
+    def forward(
+        self, x: torch.Tensor, backend: str = "auto", x_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return causal_conv1d_hardswish(x, self.weight, self.bias, backend, x_bias)  # (B, L, C)
 
 
 class TiSSDBlock(nn.Module):
@@ -366,7 +388,7 @@ class TiSSDBlock(nn.Module):
         self.ssd_kernel = check_ssd_kernel(ssd_kernel)
 
         # [z | xBC | dt]: gate, conv input (x, B, C with one group), per-head step size
-        self.in_proj = Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads, backend)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads)
         conv_dim = self.d_inner + 2 * d_state
         self.conv1d = CausalConv1dHardswish(conv_dim, d_conv)
 
@@ -377,7 +399,7 @@ class TiSSDBlock(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
-        self.out_proj = Linear(self.d_inner, d_model, backend)
+        self.out_proj = nn.Linear(self.d_inner, d_model)
 
         if is_time:
             # causal_time: the time path's maps along L see only earlier positions, so the
@@ -397,14 +419,25 @@ class TiSSDBlock(nn.Module):
             self.time_norm = (PrefixLayerNorm if causal_time else nn.LayerNorm)(L)
 
     def forward(
-        self, u: torch.Tensor, time_signal: torch.Tensor | None = None
+        self, u: torch.Tensor, time_signal: torch.Tensor | None = None, out_bias: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`out_bias=False` leaves out_proj's bias for the caller to add (a fused residual
+        norm adds it and sums its gradient in the same pass)."""
         batch, seqlen, _ = u.shape
         H, N = self.nheads, self.d_state
-        z, xBC, dt = torch.split(
-            self.in_proj(u), [self.d_inner, self.d_inner + 2 * N, H], dim=-1
-        )  # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
-        xBC = self.conv1d(xBC, self.backend)  # (B, L, d_in + 2N)
+        widths = [self.d_inner, self.d_inner + 2 * N, H]
+        # On the Triton backend with the fused kernels, the gated norm and the convolution
+        # add in_proj's bias to the columns they read, and sum its gradient as they write
+        # theirs: no reduction over in_proj's whole output gradient.
+        fold = self.ssd_kernel == "fused" and fuses_bias(self.backend, u.device)
+        zxbcdt = F.linear(u, self.in_proj.weight, None if fold else self.in_proj.bias)
+        # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
+        z, xBC, dt = torch.split(zxbcdt, widths, dim=-1)
+        z_bias = xBC_bias = None
+        if fold:
+            z_bias, xBC_bias, dt_proj_bias = torch.split(self.in_proj.bias, widths)
+            dt = dt + dt_proj_bias
+        xBC = self.conv1d(xBC, self.backend, x_bias=xBC_bias)  # (B, L, d_in + 2N)
 
         theta = None
         if self.is_time:
@@ -433,8 +466,9 @@ class TiSSDBlock(nn.Module):
             self.norm_eps,
             backend=self.backend,
             kernel=self.ssd_kernel,
+            z_bias=z_bias,
         )
-        out = self.out_proj(y)  # (B, L, d)
+        out = F.linear(y, self.out_proj.weight, self.out_proj.bias if out_bias else None)
 
         if not self.is_time:
             return out, time_signal

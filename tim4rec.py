@@ -20,7 +20,13 @@ import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
 from models.backend import set_triton_autotune
-from models.layers import Dropout, DropoutAddLayerNorm, FeedForward, PrefixLayerNorm
+from models.layers import (
+    Dropout,
+    DropoutAddLayerNorm,
+    FeedForward,
+    PrefixLayerNorm,
+    fuses_bias,
+)
 from ssd import TiSSDBlock
 
 TIME_ENCODINGS = ("paper", "corrected", "causal")
@@ -31,7 +37,8 @@ POSITION_INDEX = "position_index"
 
 class TiSSDLayer(nn.Module):
     """TiSSD block, LayerNorm(Dropout(block(x)) + x) (no residual with one layer), then the
-    FFN. The residual norms run fused on the block's backend."""
+    FFN. The residual norms run fused on the block's backend; on the Triton backend the
+    first one also adds out_proj's bias (`fuses_bias`)."""
 
     def __init__(
         self, d_model: int, dropout: float, residual: bool, backend: str = "auto", **block_kwargs
@@ -45,8 +52,10 @@ class TiSSDLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, time_signal: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        u, time_next = self.block(x, time_signal)  # (B, L, d)
-        y = self.layer_norm(u, x if self.residual else None)
+        fused = fuses_bias(self.layer_norm.backend, x.device)
+        u, time_next = self.block(x, time_signal, out_bias=not fused)  # (B, L, d)
+        out_bias = self.block.out_proj.bias if fused else None
+        y = self.layer_norm(u, x if self.residual else None, x_bias=out_bias)
         return self.ffn(y), time_next
 
 

@@ -1,6 +1,7 @@
 """Causal depthwise convolution along L fused with its Hardswish, as Triton kernels.
 
-    y[b, l, c] = hardswish(bias[c] + sum_k w[c, k] x[b, l - (K - 1) + k, c])
+    y[b, l, c] = hardswish(bias[c] + sum_k w[c, k] x'[b, l - (K - 1) + k, c]),
+    x' = x + x_bias (zero before the sequence starts)
 
 TiSSDBlock convolves xBC (B, L, C) and its time signal this way. Through nn.Conv1d each
 costs a transposed copy, the padded convolution, a slice and the activation forward, and
@@ -10,6 +11,8 @@ backward one kernel for the activation's gradient g with the weight and bias par
 (per block of rows, added up by PyTorch: deterministic), and one for the input gradient
 dx[l] = sum_k w[k] g[l + K - 1 - k]. The pre-activation is recomputed, not stored.
 Inputs in any strides (xBC is a column slice of in_proj's output); float32 arithmetic.
+x_bias (optional) is the bias of the product x comes from (in_proj's xBC columns), added
+here: its gradient, the column sum of dx, is summed per tile by the input-gradient kernel.
 
 `ssd.causal_conv1d_hardswish` dispatches here on CUDA and to the nn.functional reference
 otherwise; tests/test_causal_conv.py compares the two (CUDA, and Triton's interpreter).
@@ -36,45 +39,71 @@ def hardswish_grad(v):  # PyTorch's: 0 up to -3 (inclusive), v / 3 + 1/2 below 3
 
 
 @triton.jit
-def _conv_tile(x_base, w_ptr, b_ptr, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K: tl.constexpr):
-    """bias + sum_k w[:, k] x[l - (K-1) + k] for a (BLOCK_L, BLOCK_C) tile, float32."""
+def _shifted_input(
+    x_base, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c,
+    k: tl.constexpr, K: tl.constexpr, HAS_XBIAS: tl.constexpr,
+):  # fmt: skip
+    """x'[l - (K-1) + k] = x + x_bias for a tile, zero before the start, float32."""
+    src = offs_l - (K - 1) + k
+    valid = ((src >= 0) & (src < L))[:, None] & mask_c[None, :]
+    x = tl.load(x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_XBIAS:
+        x = tl.where(valid, x + xb[None, :], 0.0)
+    return x
+
+
+@triton.jit
+def _conv_tile(
+    x_base, w_ptr, b_ptr, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c,
+    K: tl.constexpr, HAS_XBIAS: tl.constexpr,
+):  # fmt: skip
+    """bias + sum_k w[:, k] x'[l - (K-1) + k] for a (BLOCK_L, BLOCK_C) tile, float32."""
     acc = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(K):
-        src = offs_l - (K - 1) + k
-        valid = ((src >= 0) & (src < L))[:, None] & mask_c[None, :]
-        x = tl.load(x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0)
+        x = _shifted_input(x_base, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, k, K, HAS_XBIAS)
         w = tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0.0).to(tl.float32)
-        acc += x.to(tl.float32) * w[None, :]
+        acc += x * w[None, :]
     return acc
 
 
 @triton.jit
+def _x_bias(xb_ptr, offs_c, mask_c, HAS_XBIAS: tl.constexpr):
+    if HAS_XBIAS:
+        return tl.load(xb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    return tl.zeros(offs_c.shape, dtype=tl.float32)
+
+
+@triton.jit
 def _causal_conv_fwd(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, xb_ptr, y_ptr,
     L, C,
     s_x_b, s_x_l, s_x_c,
     s_y_b, s_y_l, s_y_c,
-    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_XBIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    pre = _conv_tile(x_ptr + b * s_x_b, w_ptr, b_ptr, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K)
+    xb = _x_bias(xb_ptr, offs_c, mask_c, HAS_XBIAS)
+    pre = _conv_tile(
+        x_ptr + b * s_x_b, w_ptr, b_ptr, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K, HAS_XBIAS
+    )
     out = y_ptr + b * s_y_b + offs_l[:, None] * s_y_l + offs_c[None, :] * s_y_c
     tl.store(out, hardswish(pre), mask=(offs_l < L)[:, None] & mask_c[None, :])
 
 
 @triton.jit
 def _causal_conv_bwd_g(
-    x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
+    x_ptr, w_ptr, b_ptr, xb_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
     L, C,
     s_x_b, s_x_l, s_x_c,
     s_dy_b, s_dy_l, s_dy_c,
-    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_XBIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """g = dy * hardswish'(pre) (float32, (B, L, C) contiguous); this tile's sums of
-    g * x[l - (K-1) + k] (dw partial, (C, K, n_tiles)) and of g (db partial, (C, n_tiles)),
+    g * x'[l - (K-1) + k] (dw partial, (K, C, n_tiles)) and of g (db partial, (C, n_tiles)),
     transposed: PyTorch adds up rows much faster than columns."""
     b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
@@ -83,7 +112,10 @@ def _causal_conv_bwd_g(
     mask_c = offs_c < C
     rows = (offs_l < L)[:, None] & mask_c[None, :]
     x_base = x_ptr + b * s_x_b
-    pre = _conv_tile(x_base, w_ptr, b_ptr, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K)
+    xb = _x_bias(xb_ptr, offs_c, mask_c, HAS_XBIAS)
+    pre = _conv_tile(
+        x_base, w_ptr, b_ptr, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K, HAS_XBIAS
+    )
     dy = tl.load(
         dy_ptr + b * s_dy_b + offs_l[:, None] * s_dy_l + offs_c[None, :] * s_dy_c,
         mask=rows,
@@ -95,23 +127,22 @@ def _causal_conv_bwd_g(
     tiles = tl.num_programs(0) * tl.num_programs(1)
     tl.store(db_ptr + offs_c * tiles + tile, tl.sum(g, axis=0), mask=mask_c)
     for k in tl.static_range(K):
-        src = offs_l - (K - 1) + k
-        valid = ((src >= 0) & (src < L))[:, None] & mask_c[None, :]
-        x = tl.load(x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0)
-        dw = tl.sum(g * x.to(tl.float32), axis=0)
-        tl.store(dw_ptr + (offs_c * K + k) * tiles + tile, dw, mask=mask_c)
+        x = _shifted_input(x_base, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, k, K, HAS_XBIAS)
+        tl.store(dw_ptr + (k * C + offs_c) * tiles + tile, tl.sum(g * x, axis=0), mask=mask_c)
 
 
 @triton.jit
 def _causal_conv_bwd_dx(
-    g_ptr, w_ptr, dx_ptr,
+    g_ptr, w_ptr, dx_ptr, dxb_ptr,
     L, C,
     s_dx_b, s_dx_l, s_dx_c,
-    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_XBIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """dx[l] = sum_k w[:, k] g[l + K - 1 - k] (the convolution's transpose)."""
+    """dx[l] = sum_k w[:, k] g[l + K - 1 - k] (the convolution's transpose); with x_bias,
+    this tile's sum of dx (x_bias's gradient partial, (C, n_tiles), transposed)."""
     b = tl.program_id(0).to(tl.int64)
-    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    pid_l = tl.program_id(1)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
@@ -123,6 +154,13 @@ def _causal_conv_bwd_dx(
         acc += g * w[None, :]
     out = dx_ptr + b * s_dx_b + offs_l[:, None] * s_dx_l + offs_c[None, :] * s_dx_c
     tl.store(out, acc, mask=(offs_l < L)[:, None] & mask_c[None, :])
+    if HAS_XBIAS:  # acc is zero past L (g loads as 0 there)
+        tiles = tl.num_programs(0) * tl.num_programs(1)
+        tl.store(
+            dxb_ptr + offs_c * tiles + b * tl.num_programs(1) + pid_l,
+            tl.sum(acc, axis=0),
+            mask=mask_c,
+        )
 
 
 def _grid(batch: int, length: int, channels: int) -> tuple[tuple[int, int, int], int]:
@@ -131,39 +169,46 @@ def _grid(batch: int, length: int, channels: int) -> tuple[tuple[int, int, int],
 
 
 class CausalConvHardswish(torch.autograd.Function):
-    """hardswish(causal depthwise conv of x (B, L, C) along L), weight (C, 1, K), bias (C,)."""
+    """hardswish(causal depthwise conv of x + x_bias (B, L, C) along L), weight (C, 1, K),
+    bias (C,); `x_bias` (C,) may be None."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x, weight, bias, x_bias=None) -> torch.Tensor:
         batch, length, channels = x.shape
         K = weight.shape[-1]
         weight, bias = weight.reshape(channels, K).contiguous(), bias.contiguous()
         y = torch.empty_like(x)  # x's memory order when it is dense, else contiguous
         grid, block_c = _grid(batch, length, channels)
         _causal_conv_fwd[grid](
-            x, weight, bias, y, length, channels, *x.stride(), *y.stride(),
-            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+            x, weight, bias, x_bias, y, length, channels, *x.stride(), *y.stride(),
+            K=K, HAS_XBIAS=x_bias is not None, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
         )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, x_bias)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, x_bias = ctx.saved_tensors
         batch, length, channels = x.shape
         K = weight.shape[-1]
+        has_x_bias = x_bias is not None
         grid, block_c = _grid(batch, length, channels)
         tiles = grid[0] * grid[1]
         g = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
-        dw = torch.empty(channels, K, tiles, device=x.device, dtype=torch.float32)
-        db = torch.empty(channels, tiles, device=x.device, dtype=torch.float32)
+        # per-tile sums of the weight's (K rows), the bias's and x_bias's gradients
+        partials = torch.empty(
+            K + 1 + has_x_bias, channels, tiles, device=x.device, dtype=torch.float32
+        )
         _causal_conv_bwd_g[grid](
-            x, weight, bias, dy, g, dw, db, length, channels, *x.stride(), *dy.stride(),
-            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+            x, weight, bias, x_bias, dy, g, partials[:K], partials[K],
+            length, channels, *x.stride(), *dy.stride(),
+            K=K, HAS_XBIAS=has_x_bias, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
         )  # fmt: skip
         dx = torch.empty_like(x)
         _causal_conv_bwd_dx[grid](
-            g, weight, dx, length, channels, *dx.stride(),
-            K=K, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+            g, weight, dx, partials[-1], length, channels, *dx.stride(),
+            K=K, HAS_XBIAS=has_x_bias, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
         )  # fmt: skip
-        return dx, dw.sum(-1).reshape(channels, 1, K), db.sum(-1)
+        sums = partials.sum(-1)  # (K + 1 + has_x_bias, C)
+        dx_bias = sums[K + 1] if has_x_bias else None
+        return dx, sums[:K].T.reshape(channels, 1, K), sums[K], dx_bias

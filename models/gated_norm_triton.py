@@ -1,6 +1,6 @@
 """The gated RMSNorm of the SSD block, row-tiled, as Triton kernels.
 
-    v = x * silu(z);   y = v / sqrt(mean(v^2) + eps) * weight        (over the last axis)
+    v = x * silu(z + z_bias);   y = v / sqrt(mean(v^2) + eps) * weight   (over the last axis)
 
 The same function as mamba-ssm's `rmsnorm_fn(x, weight, None, z=z,
 norm_before_gate=False)` and `ssd.rmsnorm_gated_reference`. mamba-ssm's kernels handle
@@ -10,6 +10,9 @@ on an H200, against ~13 and ~21 us of memory traffic (docs/performance_notes.md)
 program normalises a tile of rows each way; only 1/rms per row is stored, the backward
 pass recomputes v from x and z and writes dx, dz and per-program weight sums (added up by
 PyTorch: deterministic). Float32 arithmetic; y, dx and dz in their inputs' dtypes.
+
+z_bias (optional) is the bias of the product z comes from (in_proj's gate columns), added
+here: its gradient, the column sum of dz, is summed per program beside the weight's.
 
 `ssd.rmsnorm_gated` dispatches here (`ssd_kernel: fused`) or to mamba-ssm (`ssd_kernel:
 mamba`) on the Triton backend; tests/test_gated_norm.py compares both with the reference.
@@ -25,25 +28,28 @@ ROWS = 32  # rows per program
 
 
 @triton.jit
-def _gate(x_ptr, z_ptr, r64, cols, mask, s_x, s_z):
-    """x, z and v = x * silu(z) for a tile of rows (r64: row indices, int64), float32."""
+def _gate(x_ptr, z_ptr, zb_ptr, r64, cols, mask, s_x, s_z, N, HAS_ZBIAS: tl.constexpr):
+    """x, z (+ z_bias) and v = x * silu(z) for a tile of rows (r64: row indices, int64),
+    float32."""
     x = tl.load(x_ptr + r64 * s_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + r64 * s_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZBIAS:
+        z += tl.load(zb_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     sig = tl.sigmoid(z)
     return x, z, sig, x * z * sig
 
 
 @triton.jit
 def _gated_rms_norm_fwd(
-    x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr,
+    x_ptr, z_ptr, zb_ptr, w_ptr, y_ptr, rstd_ptr,
     M, N, s_x, s_z, s_y, eps,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ZBIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    _, _, _, v = _gate(x_ptr, z_ptr, r64, cols, mask, s_x, s_z)
+    _, _, _, v = _gate(x_ptr, z_ptr, zb_ptr, r64, cols, mask, s_x, s_z, N, HAS_ZBIAS)
     rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / N + eps)  # (ROWS,)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     y = v * rstd[:, None] * w[None, :]
@@ -53,18 +59,19 @@ def _gated_rms_norm_fwd(
 
 @triton.jit
 def _gated_rms_norm_bwd(
-    x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr,
+    x_ptr, z_ptr, zb_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr, dzb_ptr,
     M, N, s_x, s_z, s_dy, s_dx, s_dz,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ZBIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dx, dz, and this program's sum of dy * v / rms (the weight's gradient) in dw[:, pid]
-    (transposed, (N, programs): PyTorch adds up rows much faster than columns)."""
+    """dx, dz, and this program's sums of dy * v / rms (the weight's gradient) in
+    dw[:, pid] and of dz (z_bias's) in dzb[:, pid] (transposed, (N, programs): PyTorch
+    adds up rows much faster than columns)."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    x, z, sig, v = _gate(x_ptr, z_ptr, r64, cols, mask, s_x, s_z)
+    x, z, sig, v = _gate(x_ptr, z_ptr, zb_ptr, r64, cols, mask, s_x, s_z, N, HAS_ZBIAS)
     rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + r64 * s_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -77,6 +84,8 @@ def _gated_rms_norm_bwd(
     dz = dv * x * sig * (1.0 + z * (1.0 - sig))  # silu'(z)
     tl.store(dx_ptr + r64 * s_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dz_ptr + r64 * s_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if HAS_ZBIAS:  # dz is zero outside the tile (x loads as 0 there)
+        tl.store(dzb_ptr + cols * tl.num_programs(0) + pid, tl.sum(dz, axis=0), mask=cols < N)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -89,10 +98,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class GatedRMSNorm(torch.autograd.Function):
-    """y = RMSNorm(x * silu(z)) * weight over the last axis (module docstring)."""
+    """y = RMSNorm(x * silu(z + z_bias)) * weight over the last axis (module docstring);
+    `z_bias` may be None."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):
+    def forward(ctx, x, z, weight, eps: float, z_bias=None):
         shape = x.shape
         x2, z2 = _rows(x), _rows(z)
         M, N = x2.shape
@@ -100,31 +110,44 @@ class GatedRMSNorm(torch.autograd.Function):
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
         block_n = triton.next_power_of_2(N)
         _gated_rms_norm_fwd[(triton.cdiv(M, ROWS),)](
-            x2, z2, weight, y, rstd, M, N, x2.stride(0), z2.stride(0), y.stride(0), eps,
-            ROWS=ROWS, BLOCK_N=block_n, num_warps=4,
+            x2, z2, z_bias, weight, y, rstd, M, N, x2.stride(0), z2.stride(0), y.stride(0), eps,
+            HAS_ZBIAS=z_bias is not None, ROWS=ROWS, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
-        ctx.save_for_backward(x2, z2, weight, rstd)
+        ctx.save_for_backward(x2, z2, z_bias, weight, rstd)
         ctx.shapes = (shape, z.shape)
         return y.view(shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, z2, weight, rstd = ctx.saved_tensors
+        x2, z2, z_bias, weight, rstd = ctx.saved_tensors
         x_shape, z_shape = ctx.shapes
         dy2 = _rows(dy)
         M, N = x2.shape
         programs = triton.cdiv(M, ROWS)
         dx = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
         dz = torch.empty(M, N, device=x2.device, dtype=z2.dtype)
-        dw = torch.empty(N, programs, device=x2.device, dtype=torch.float32)
+        # per-program sums of the weight's and z_bias's gradients: one reduction for both
+        partials = torch.empty(
+            (1 if z_bias is None else 2, N, programs), device=x2.device, dtype=torch.float32
+        )
         _gated_rms_norm_bwd[(programs,)](
-            x2, z2, weight, dy2, rstd, dx, dz, dw,
+            x2, z2, z_bias, weight, dy2, rstd, dx, dz, partials[0], partials[-1],
             M, N, x2.stride(0), z2.stride(0), dy2.stride(0), dx.stride(0), dz.stride(0),
-            ROWS=ROWS, BLOCK_N=triton.next_power_of_2(N), num_warps=4,
+            HAS_ZBIAS=z_bias is not None, ROWS=ROWS, BLOCK_N=triton.next_power_of_2(N),
+            num_warps=4,
         )  # fmt: skip
-        return dx.view(x_shape), dz.view(z_shape), dw.sum(1).to(weight.dtype), None
+        sums = partials.sum(-1)
+        dz_bias = None if z_bias is None else sums[1].to(z_bias.dtype)
+        return dx.view(x_shape), dz.view(z_shape), sums[0].to(weight.dtype), None, dz_bias
 
 
-def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):
-    """x, z (..., N) in any dtype and row strides, weight (N,) -> y (..., N) in x's dtype."""
-    return GatedRMSNorm.apply(x, z, weight, eps)
+def gated_rms_norm(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    z_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x, z (..., N) in any dtype and row strides, weight and z_bias (N,) -> y (..., N)
+    in x's dtype."""
+    return GatedRMSNorm.apply(x, z, weight, eps, z_bias)

@@ -1,6 +1,6 @@
 """LayerNorm(Dropout(x) + residual) over the last axis, fused, as Triton kernels.
 
-    h = Dropout_p(x) + residual            (residual optional)
+    h = Dropout_p(x + x_bias) + residual   (x_bias and residual optional)
     y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias
 
 TiM4Rec's post-norm residual connections (after each TiSSD block and each FFN) and its
@@ -10,6 +10,11 @@ row per thread block, slow for rows of 64 (180 us forward for 120,000 rows on an
 13 us of memory traffic; docs/performance_notes.md). Here a program normalises four
 blocks of rows: one kernel forward, one backward (input and residual gradients, and
 per-program weight and bias sums, added up by PyTorch: deterministic).
+
+x_bias is the bias of the product x comes from (out_proj, the FFN's w_2), added here
+rather than by the product: its gradient is the column sum of x's gradient, which the
+backward kernel adds up as it writes that gradient, instead of a separate reduction
+reading it again (~40 us a layer in fp32 at the ML-1M step's shape on an H200).
 
 Only the row statistics (mean, 1/std) are stored; the backward pass recomputes h from x
 and the residual, and the dropout mask from the call's seed (Philox, four draws per call
@@ -48,12 +53,21 @@ def _draws(
 
 
 @triton.jit
+def _x_bias(xb_ptr, cols, N, HAS_XBIAS: tl.constexpr):
+    if HAS_XBIAS:
+        return tl.load(xb_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    return tl.zeros(cols.shape, dtype=tl.float32)
+
+
+@triton.jit
 def _dropped_sum(
-    x_ptr, res_ptr, r64, cols, mask, draw, s_x, s_res, p,
+    x_ptr, res_ptr, xb, r64, cols, mask, draw, s_x, s_res, p,
     HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """h = Dropout_p(x) + residual for a block of rows (r64: row indices, int64), float32."""
+    """h = Dropout_p(x + x_bias) + residual for a block of rows (r64: row indices, int64;
+    xb: x_bias, zeros without one), float32."""
     h = tl.load(x_ptr + r64 * s_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h += xb[None, :]
     if HAS_DROPOUT:
         h = tl.where(draw >= p, h / (1.0 - p), 0.0)
     if HAS_RES:
@@ -63,14 +77,14 @@ def _dropped_sum(
 
 @triton.jit
 def _fwd_rows(
-    x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, w, b, draw,
+    x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, w, b, xb, draw,
     M, N, s_x, s_res, s_y, eps, p,
     HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):  # fmt: skip
     mask_m = rows < M
     mask = mask_m[:, None] & (cols < N)[None, :]
     r64 = rows.to(tl.int64)[:, None]  # addresses in int64: M x N may pass 2**31
-    h = _dropped_sum(x_ptr, res_ptr, r64, cols, mask, draw, s_x, s_res, p, HAS_RES, HAS_DROPOUT)
+    h = _dropped_sum(x_ptr, res_ptr, xb, r64, cols, mask, draw, s_x, s_res, p, HAS_RES, HAS_DROPOUT)
     mean = tl.sum(h, axis=1) / N
     centred = tl.where(mask, h - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
@@ -82,9 +96,9 @@ def _fwd_rows(
 
 @triton.jit
 def _dropout_add_layer_norm_fwd(
-    x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, seed_ptr,
+    x_ptr, res_ptr, xb_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, seed_ptr,
     M, N, s_x, s_res, s_y, eps, p,
-    HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_XBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -92,37 +106,39 @@ def _dropout_add_layer_norm_fwd(
     cols = tl.arange(0, BLOCK_N)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    xb = _x_bias(xb_ptr, cols, N, HAS_XBIAS)
     r0, r1, r2, r3 = _draws(seed_ptr, pid, cols, QROWS, BLOCK_N, HAS_DROPOUT)
     # four calls spelled out: constexprs packed into a tuple would stop being constexprs
     _fwd_rows(
-        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, w, b, r0,
+        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, w, b, xb, r0,
         M, N, s_x, s_res, s_y, eps, p, HAS_RES, HAS_DROPOUT,
     )  # fmt: skip
     _fwd_rows(
-        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + QROWS, cols, w, b, r1,
+        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + QROWS, cols, w, b, xb, r1,
         M, N, s_x, s_res, s_y, eps, p, HAS_RES, HAS_DROPOUT,
     )  # fmt: skip
     _fwd_rows(
-        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + 2 * QROWS, cols, w, b, r2,
+        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + 2 * QROWS, cols, w, b, xb, r2,
         M, N, s_x, s_res, s_y, eps, p, HAS_RES, HAS_DROPOUT,
     )  # fmt: skip
     _fwd_rows(
-        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + 3 * QROWS, cols, w, b, r3,
+        x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, rows + 3 * QROWS, cols, w, b, xb, r3,
         M, N, s_x, s_res, s_y, eps, p, HAS_RES, HAS_DROPOUT,
     )  # fmt: skip
 
 
 @triton.jit
 def _bwd_rows(
-    x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows, cols, w, draw,
+    x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows, cols, w, xb, draw,
     M, N, s_x, s_res, s_dy, s_dx, s_dres, p,
     HAS_RES: tl.constexpr, STORE_DRES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """Input gradients of a block of rows; returns its weight and bias gradient sums."""
+    """Input gradients of a block of rows; returns its weight, bias and x_bias gradient
+    sums."""
     mask_m = rows < M
     mask = mask_m[:, None] & (cols < N)[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    h = _dropped_sum(x_ptr, res_ptr, r64, cols, mask, draw, s_x, s_res, p, HAS_RES, HAS_DROPOUT)
+    h = _dropped_sum(x_ptr, res_ptr, xb, r64, cols, mask, draw, s_x, s_res, p, HAS_RES, HAS_DROPOUT)
     mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
     x_hat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
@@ -139,43 +155,46 @@ def _bwd_rows(
     if HAS_DROPOUT:
         dx = tl.where(draw >= p, dh / (1.0 - p), 0.0)
     tl.store(dx_ptr + r64 * s_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    return tl.sum(dy * x_hat, axis=0), tl.sum(dy, axis=0)
+    return tl.sum(dy * x_hat, axis=0), tl.sum(dy, axis=0), tl.sum(dx, axis=0)
 
 
 @triton.jit
 def _dropout_add_layer_norm_bwd(
-    x_ptr, res_ptr, w_ptr, dy_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, mean_ptr, rstd_ptr,
-    seed_ptr,
+    x_ptr, res_ptr, xb_ptr, w_ptr, dy_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, dxb_ptr,
+    mean_ptr, rstd_ptr, seed_ptr,
     M, N, s_x, s_res, s_dy, s_dx, s_dres, p,
-    HAS_RES: tl.constexpr, STORE_DRES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RES: tl.constexpr, STORE_DRES: tl.constexpr, HAS_XBIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, QROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * 4 * QROWS + tl.arange(0, QROWS)
     cols = tl.arange(0, BLOCK_N)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    xb = _x_bias(xb_ptr, cols, N, HAS_XBIAS)
     r0, r1, r2, r3 = _draws(seed_ptr, pid, cols, QROWS, BLOCK_N, HAS_DROPOUT)
     # four calls spelled out: constexprs packed into a tuple would stop being constexprs
-    dw, db = _bwd_rows(
-        x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows, cols, w, r0,
+    dw, db, dxb = _bwd_rows(
+        x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows, cols, w, xb, r0,
         M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
     )  # fmt: skip
-    dw1, db1 = _bwd_rows(
-        x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows + QROWS, cols, w, r1,
-        M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
+    dw1, db1, dxb1 = _bwd_rows(
+        x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows + QROWS, cols, w,
+        xb, r1, M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
     )  # fmt: skip
-    dw2, db2 = _bwd_rows(
+    dw2, db2, dxb2 = _bwd_rows(
         x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows + 2 * QROWS, cols, w,
-        r2, M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
+        xb, r2, M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
     )  # fmt: skip
-    dw3, db3 = _bwd_rows(
+    dw3, db3, dxb3 = _bwd_rows(
         x_ptr, res_ptr, dy_ptr, dx_ptr, dres_ptr, mean_ptr, rstd_ptr, rows + 3 * QROWS, cols, w,
-        r3, M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
+        xb, r3, M, N, s_x, s_res, s_dy, s_dx, s_dres, p, HAS_RES, STORE_DRES, HAS_DROPOUT,
     )  # fmt: skip
     # transposed, (N, tiles): PyTorch adds up rows much faster than columns
     tiles = tl.num_programs(0)
     tl.store(dw_ptr + cols * tiles + pid, dw + dw1 + dw2 + dw3, mask=cols < N)
     tl.store(db_ptr + cols * tiles + pid, db + db1 + db2 + db3, mask=cols < N)
+    if HAS_XBIAS:
+        tl.store(dxb_ptr + cols * tiles + pid, dxb + dxb1 + dxb2 + dxb3, mask=cols < N)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -191,11 +210,12 @@ def _blocks(n: int) -> tuple[int, int]:
 
 
 class DropoutAddLayerNorm(torch.autograd.Function):
-    """LayerNorm(Dropout_p(x) + residual) with weight and bias; `residual` may be None.
-    Output float32 under autocast (as nn.LayerNorm's), else the inputs' promoted dtype."""
+    """LayerNorm(Dropout_p(x + x_bias) + residual) with weight and bias; `residual` and
+    `x_bias` may be None. Output float32 under autocast (as nn.LayerNorm's), else the
+    inputs' promoted dtype."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps: float, p: float):
+    def forward(ctx, x, residual, weight, bias, eps: float, p: float, x_bias=None):
         shape, N = x.shape, x.shape[-1]
         x2 = _rows(x)  # (M, N)
         res2 = None if residual is None else _rows(residual)
@@ -215,19 +235,19 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         seed = dropout_seed(p, x.device)
         qrows, block_n = _blocks(N)
         _dropout_add_layer_norm_fwd[(triton.cdiv(M, 4 * qrows),)](
-            x2, res2, weight, bias, y, mean, rstd, seed,
+            x2, res2, x_bias, weight, bias, y, mean, rstd, seed,
             M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0), eps, p,
-            HAS_RES=res2 is not None, HAS_DROPOUT=p > 0,
+            HAS_RES=res2 is not None, HAS_XBIAS=x_bias is not None, HAS_DROPOUT=p > 0,
             QROWS=qrows, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
-        ctx.save_for_backward(x2, res2, weight, mean, rstd, seed)
+        ctx.save_for_backward(x2, res2, x_bias, weight, mean, rstd, seed)
         ctx.shape, ctx.p = shape, p
         ctx.dtypes = (bias.dtype, None if residual is None else residual.dtype)
         return y.view(shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, res2, weight, mean, rstd, seed = ctx.saved_tensors
+        x2, res2, x_bias, weight, mean, rstd, seed = ctx.saved_tensors
         bias_dtype, res_dtype = ctx.dtypes
         M, N = x2.shape
         dy2 = _rows(dy)
@@ -236,16 +256,21 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         dres = torch.empty((M, N), device=x2.device, dtype=res_dtype) if store_dres else None
         qrows, block_n = _blocks(N)
         tiles = triton.cdiv(M, 4 * qrows)
-        dw_tiles = torch.empty((N, tiles), device=x2.device, dtype=torch.float32)
-        db_tiles = torch.empty_like(dw_tiles)
+        # per-program sums of the weight, bias and x_bias gradients: one reduction for all
+        partials = torch.empty(
+            (3 if x_bias is not None else 2, N, tiles), device=x2.device, dtype=torch.float32
+        )
         _dropout_add_layer_norm_bwd[(tiles,)](
-            x2, res2, weight, dy2, dx, dres, dw_tiles, db_tiles, mean, rstd, seed,
+            x2, res2, x_bias, weight, dy2, dx, dres, partials[0], partials[1], partials[-1],
+            mean, rstd, seed,
             M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), dy2.stride(0),
             dx.stride(0), dres.stride(0) if store_dres else 0, ctx.p,
-            HAS_RES=res2 is not None, STORE_DRES=store_dres, HAS_DROPOUT=ctx.p > 0,
-            QROWS=qrows, BLOCK_N=block_n, num_warps=4,
+            HAS_RES=res2 is not None, STORE_DRES=store_dres, HAS_XBIAS=x_bias is not None,
+            HAS_DROPOUT=ctx.p > 0, QROWS=qrows, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
-        dweight = dw_tiles.sum(1).to(weight.dtype)
-        dbias = db_tiles.sum(1).to(bias_dtype)
+        sums = partials.sum(-1)  # (2 or 3, N)
+        dweight = sums[0].to(weight.dtype)
+        dbias = sums[1].to(bias_dtype)
+        dx_bias = sums[2].to(x_bias.dtype) if x_bias is not None else None
         dres = dres.view(ctx.shape) if store_dres else None
-        return dx.view(ctx.shape), dres, dweight, dbias, None, None
+        return dx.view(ctx.shape), dres, dweight, dbias, None, None, dx_bias

@@ -40,37 +40,6 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-# Outputs at least this wide get the Triton column sum for their bias gradient; for
-# narrower ones PyTorch's sum is faster (H200, 128,200 rows: 38 against 54 us at 64 columns,
-# 120 against 64 at 324; docs/performance_notes.md).
-COLUMN_SUM_MIN_FEATURES = 128
-
-
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "torch"
-) -> torch.Tensor:
-    """nn.functional.linear; on the Triton backend with a bias and at least
-    COLUMN_SUM_MIN_FEATURES outputs, its bias gradient is a Triton column sum
-    (models/linear_triton.py), the products stay cuBLAS's."""
-    wide = bias is not None and weight.shape[0] >= COLUMN_SUM_MIN_FEATURES
-    if wide and _runs_triton(backend, x.device):
-        from models.linear_triton import LinearColumnSumBias
-
-        return LinearColumnSumBias.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear through `linear` (the same parameters and state dict)."""
-
-    def __init__(self, in_features: int, out_features: int, backend: str = "torch") -> None:
-        super().__init__(in_features, out_features)
-        self.backend = backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.backend)
-
-
 def dropout_add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -79,32 +48,47 @@ def dropout_add_layer_norm(
     eps: float,
     dropout_p: float,
     backend: str = "torch",
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(Dropout(x) + residual) over the last axis (`residual` may be None;
-    `dropout_p` 0 in evaluation): one fused kernel each way on the Triton backend
-    (models/layer_norm_triton.py), nn.functional otherwise."""
+    """LayerNorm(Dropout(x + x_bias) + residual) over the last axis (`residual` and
+    `x_bias` may be None; `dropout_p` 0 in evaluation): one fused kernel each way on the
+    Triton backend (models/layer_norm_triton.py), nn.functional otherwise. `x_bias` is
+    the bias of the product `x` comes from, left to this op to add (`fuses_bias`)."""
     if _runs_triton(backend, x.device):
         from models.layer_norm_triton import DropoutAddLayerNorm as Fused
 
-        return Fused.apply(x, residual, weight, bias, eps, dropout_p)
-    h = dropout(x, dropout_p)
+        return Fused.apply(x, residual, weight, bias, eps, dropout_p, x_bias)
+    h = dropout(x if x_bias is None else x + x_bias, dropout_p)
     return F.layer_norm(h if residual is None else h + residual, weight.shape, weight, bias, eps)
 
 
-def hardswish_dropout(x: torch.Tensor, dropout_p: float, backend: str = "torch") -> torch.Tensor:
-    """Dropout(Hardswish(x)) (`dropout_p` 0 in evaluation): one fused elementwise kernel
-    each way on the Triton backend (models/hardswish_dropout_triton.py)."""
+def hardswish_dropout(
+    x: torch.Tensor, dropout_p: float, backend: str = "torch", bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dropout(Hardswish(x + bias)) (`bias` may be None; `dropout_p` 0 in evaluation): one
+    fused kernel each way on the Triton backend (models/hardswish_dropout_triton.py), which
+    also sums the bias gradient; nn.functional otherwise."""
     if _runs_triton(backend, x.device):
         from models.hardswish_dropout_triton import HardswishDropout
 
-        return HardswishDropout.apply(x, dropout_p)
-    y = F.hardswish(x)
+        return HardswishDropout.apply(x, dropout_p, bias)
+    y = F.hardswish(x if bias is None else x + bias)
     return dropout(y, dropout_p)
 
 
+def fuses_bias(backend: str, device: torch.device) -> bool:
+    """Whether this project's fused Triton kernels run (`dropout_add_layer_norm`,
+    `hardswish_dropout`, the SSD block's convolution and gated norm). Each can add the bias
+    of the product that feeds it and sum that bias's gradient while writing its input's
+    gradient: the product then runs without its bias, and no separate reduction reads the
+    product's output gradient again (docs/performance_notes.md)."""
+    return _runs_triton(backend, device)
+
+
 class DropoutAddLayerNorm(nn.LayerNorm):
-    """The post-norm residual connection LayerNorm(Dropout(x) + residual) (`residual` may
-    be None) as one op (`dropout_add_layer_norm`); an nn.LayerNorm for its parameters."""
+    """The post-norm residual connection LayerNorm(Dropout(x + x_bias) + residual)
+    (`residual`, `x_bias` may be None) as one op (`dropout_add_layer_norm`); an
+    nn.LayerNorm for its parameters."""
 
     def __init__(
         self, d_model: int, dropout: float, eps: float = 1e-5, backend: str = "torch"
@@ -113,10 +97,15 @@ class DropoutAddLayerNorm(nn.LayerNorm):
         self.dropout_p = dropout
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        x_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         p = self.dropout_p if self.training else 0.0
         return dropout_add_layer_norm(
-            x, residual, self.weight, self.bias, self.eps, p, self.backend
+            x, residual, self.weight, self.bias, self.eps, p, self.backend, x_bias
         )
 
 
@@ -124,9 +113,9 @@ class FeedForward(nn.Module):
     """Position-wise FFN with a post-LayerNorm residual (TiM4Rec, Mamba4Rec, LRURec).
 
     out = LayerNorm(Dropout(W2 Dropout(act(W1 x))) + x), W1: d -> 4d, W2: 4d -> d.
-    On the Triton backend (`backend` "triton", or "auto" on CUDA) the residual norm and a
-    Hardswish activation with its dropout run as fused kernels, and W1's bias gradient
-    (W2's too when d >= 128) as a Triton column sum (`linear`).
+    On the Triton backend (`backend` "triton", or "auto" on CUDA) with a Hardswish
+    activation, the activation with its dropout and the residual norm run as fused
+    kernels that also add W1's and W2's biases and sum their gradients (`fuses_bias`).
     """
 
     def __init__(
@@ -138,20 +127,20 @@ class FeedForward(nn.Module):
         backend: str = "torch",
     ) -> None:
         super().__init__()
-        self.w_1 = Linear(d_model, 4 * d_model, backend)
-        self.w_2 = Linear(4 * d_model, d_model, backend)
+        self.w_1 = nn.Linear(d_model, 4 * d_model)
+        self.w_2 = nn.Linear(4 * d_model, d_model)
         self.activation = activation
         self.dropout = Dropout(dropout)
         self.layer_norm = DropoutAddLayerNorm(d_model, dropout, eps=eps, backend=backend)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, L, d)
-        hidden = self.w_1(x)  # (B, L, 4d)
-        if isinstance(self.activation, nn.Hardswish):
+        if isinstance(self.activation, nn.Hardswish) and fuses_bias(self.backend, x.device):
             p = self.dropout.p if self.training else 0.0
-            hidden = hardswish_dropout(hidden, p, self.backend)
-        else:
-            hidden = self.dropout(self.activation(hidden))
+            hidden = F.linear(x, self.w_1.weight)  # (B, L, 4d), the bias added by the kernel
+            hidden = hardswish_dropout(hidden, p, self.backend, bias=self.w_1.bias)
+            return self.layer_norm(F.linear(hidden, self.w_2.weight), x, x_bias=self.w_2.bias)
+        hidden = self.dropout(self.activation(self.w_1(x)))  # (B, L, 4d)
         return self.layer_norm(self.w_2(hidden), x)
 
 

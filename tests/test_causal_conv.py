@@ -16,7 +16,8 @@ from ssd import causal_conv1d_hardswish_reference
 # (batch, length, channels, kernel, layout): one tile; several row and channel tiles with
 # ragged ends; the time path's few channels; a longer kernel than the sequence; one row
 # past a backward row tile (its shifts reach into the next tile's rows) with a ragged
-# channel tile; fewer rows than K - 1, an odd kernel and channel count.
+# channel tile; fewer rows than K - 1, an odd kernel and channel count. Slices (xBC, a
+# slice of in_proj's output) come with in_proj's bias, x_bias, as in the block.
 CASES = [
     (2, 7, 5, 4, "slice"),
     (3, 70, 130, 4, "slice"),
@@ -50,8 +51,11 @@ def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.flo
     x = _input(gen, batch, length, channels, layout)
     weight = torch.randn(channels, 1, kernel, generator=gen, dtype=torch.float64)
     bias = torch.randn(channels, generator=gen, dtype=torch.float64)
+    params = [weight, bias]
+    if layout == "slice":
+        params.append(torch.randn(channels, generator=gen, dtype=torch.float64))  # x_bias
     x = x.to(dtype).double()  # the values the kernel sees
-    ref = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    ref = [t.clone().requires_grad_() for t in (x, *params)]
     y_ref = causal_conv1d_hardswish_reference(*ref)
     # the same layout on the device: the slice stays a slice, the transpose a transpose
     fast_x = x.to(device=device, dtype=dtype)
@@ -62,7 +66,7 @@ def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.flo
     elif layout == "transposed":
         fast_x = fast_x.transpose(1, 2).contiguous().transpose(1, 2)
     fast = [fast_x.requires_grad_()] + [
-        t.to(device=device, dtype=torch.float32).requires_grad_() for t in (weight, bias)
+        t.to(device=device, dtype=torch.float32).requires_grad_() for t in params
     ]
     y = CausalConvHardswish.apply(*fast)
     assert y.shape == y_ref.shape and y.dtype == dtype
@@ -71,7 +75,7 @@ def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.flo
     grads_ref = torch.autograd.grad(y_ref, ref, grad)
     grads = torch.autograd.grad(y, fast, grad.to(device=device, dtype=dtype))
     errors = {"y": _relative_error(y, y_ref.detach())}
-    for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+    for name, g, g_ref in zip(("dx", "dweight", "dbias", "dx_bias"), grads, grads_ref):
         assert g.shape == g_ref.shape, name
         errors[name] = _relative_error(g, g_ref)
     return errors

@@ -1,6 +1,7 @@
 """The row-tiled gated RMSNorm kernels (models/gated_norm_triton.py) against the float64
-reference: output and the three gradients, over shapes, layouts and dtypes; mamba-ssm's
-kernel on the same inputs as a yardstick.
+reference: output and the gradients (z_bias's too, where the block passes in_proj's
+bias), over shapes, layouts and dtypes; mamba-ssm's kernel on the same inputs as a
+yardstick.
 
 On CUDA (marked gpu) and, where Triton is installed, on CPU through its interpreter.
 """
@@ -15,7 +16,7 @@ from ssd import rmsnorm_gated, rmsnorm_gated_reference
 
 # (leading shape, N, layout): the block's rows of d_inner = 128 with z a column slice of the
 # input projection (as the model passes it); a ragged last tile; N not a power of two; the
-# 256-d model's rows; one row.
+# 256-d model's rows; one row. Slices come with z_bias (in_proj's bias), as in the block.
 CASES = [
     ((4, 50), 128, "slice"),
     ((3, 37), 128, "contiguous"),
@@ -32,9 +33,10 @@ def relative_errors(case: tuple, device: str, kernel: str, dtype=torch.float32) 
     x = (2 * torch.randn(*shape, N, **f64)).to(dtype).double()
     z = (2 * torch.randn(*shape, N, **f64)).to(dtype).double()
     weight = 1 + 0.3 * torch.randn(N, **f64)
+    z_bias = torch.randn(N, **f64) if layout == "slice" else None
     grad = torch.randn(*shape, N, **f64)
-    ref = [t.clone().requires_grad_() for t in (x, z, weight)]
-    y_ref = rmsnorm_gated_reference(*ref, 1e-5)
+    ref = [t.clone().requires_grad_() for t in (x, z, weight, z_bias) if t is not None]
+    y_ref = rmsnorm_gated_reference(*ref[:3], 1e-5, *ref[3:])
     grads_ref = torch.autograd.grad(y_ref, ref, grad)
 
     fast_z = z.to(device=device, dtype=dtype)
@@ -42,18 +44,21 @@ def relative_errors(case: tuple, device: str, kernel: str, dtype=torch.float32) 
         wide = torch.zeros(*shape, N + 70, device=device, dtype=dtype)
         wide[..., 5 : 5 + N] = fast_z
         fast_z = wide[..., 5 : 5 + N]
-    fast = [x.to(device=device, dtype=dtype), fast_z, weight.to(device=device, dtype=torch.float32)]
+    fast = [x.to(device=device, dtype=dtype), fast_z]
+    fast += [t.to(device=device, dtype=torch.float32) for t in (weight, z_bias) if t is not None]
     fast = [t.detach().requires_grad_() for t in fast]
+    z_bias_arg = fast[3] if z_bias is not None else None
     if device == "cuda":
-        y = rmsnorm_gated(*fast, 1e-5, backend="triton", kernel=kernel)
+        y = rmsnorm_gated(*fast[:3], 1e-5, backend="triton", kernel=kernel, z_bias=z_bias_arg)
     else:  # Triton's interpreter runs the kernels on CPU tensors
         from models.gated_norm_triton import gated_rms_norm
 
-        y = gated_rms_norm(*fast, 1e-5)
+        y = gated_rms_norm(*fast[:3], 1e-5, z_bias=z_bias_arg)
     assert y.shape == y_ref.shape and y.dtype == dtype
     grads = torch.autograd.grad(y, fast, grad.to(device=device, dtype=dtype))
     errors = {"y": relative_error(y, y_ref.detach())}
-    for name, got, want, leaf in zip(("dx", "dz", "dweight"), grads, grads_ref, fast):
+    names = ("dx", "dz", "dweight", "dz_bias")
+    for name, got, want, leaf in zip(names, grads, grads_ref, fast):
         assert got.shape == want.shape and got.dtype == leaf.dtype, name
         errors[name] = relative_error(got, want)
     return errors

@@ -88,9 +88,8 @@ def test_triton_rmsnorm_gated_matches_torch():
     torch.testing.assert_close(outs["torch"][0], rmsnorm_gated_reference(x, z, w, 1e-5).detach())
 
 
-@pytest.mark.parametrize("model_name", ["TiM4Rec", "SSD4Rec", "Mamba4Rec"])
-def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
-    """Same weights, same batch: CPU (PyTorch scans) and CUDA (Triton kernels) scores agree."""
+def build_model(model_name: str, ml100k_slice, **overrides):
+    """The model on ml-slice (L = 50), its config and its data loaders, built on the CPU."""
     needs_triton_kernels()
     from recbole.data import create_dataset, data_preparation
 
@@ -104,12 +103,20 @@ def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
         "MAX_ITEM_LIST_LENGTH": 50,
         "device": "cpu",
         "use_gpu": False,
+        **overrides,
     }
     config = build_config(cls, [], overrides)
     dataset = create_dataset(config)
-    _, _, test_data = data_preparation(config, dataset)
+    loaders = data_preparation(config, dataset)
     torch.manual_seed(0)
-    model = cls(config, dataset).eval()
+    return cls(config, dataset), loaders
+
+
+@pytest.mark.parametrize("model_name", ["TiM4Rec", "SSD4Rec", "Mamba4Rec"])
+def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
+    """Same weights, same batch: CPU (PyTorch scans) and CUDA (Triton kernels) scores agree."""
+    model, (_, _, test_data) = build_model(model_name, ml100k_slice)
+    model.eval()
     with torch.no_grad():  # a trained-looking time path, so that it matters in the comparison
         for name, p in model.named_parameters():
             if "time_mlp" in name or "time_conv" in name:
@@ -131,3 +138,52 @@ def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
     top_cuda = cuda_scores.topk(10).indices
     overlap = (top_cpu[:, :, None] == top_cuda[:, None, :]).any(-1).float().mean().item()
     assert overlap > 0.95
+
+
+@pytest.mark.parametrize("model_name", ["TiM4Rec", "SSD4Rec"])
+def test_model_training_gradients_same_on_cpu_and_cuda(model_name, ml100k_slice):
+    """One training batch, dropout off: the loss and every parameter's gradient agree
+    between CPU (PyTorch) and CUDA (the Triton kernels, which add the biases of in_proj,
+    out_proj and the FFN themselves and sum their gradients). Biases are random, so that
+    a bias the kernels dropped or mis-summed shows."""
+    model, (train_data, _, _) = build_model(
+        model_name, ml100k_slice, dropout_prob=0.0, time_drop_out=0.0
+    )
+    model.train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "time_mlp" in name or "time_conv" in name:
+                p.normal_(0, 0.3)
+    interaction = next(iter(train_data))
+    results = {}
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        loss = model.calculate_loss(interaction.to(device))
+        loss.backward()
+        grads = {  # the last layer's time output is unused: its gate and norm get no gradient
+            n: p.grad.detach().cpu().clone()
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
+        results[device] = (loss.item(), grads)
+    (loss_cpu, grads_cpu), (loss_cuda, grads_cuda) = results["cpu"], results["cuda"]
+    assert set(grads_cuda) == set(grads_cpu)
+    errors = {
+        n: ((grads_cuda[n] - g).norm() / g.norm().clamp(min=1e-12)).item()
+        for n, g in grads_cpu.items()
+        if g.norm() > 0
+    }
+    worst = max(errors, key=errors.get)
+    folded = ("in_proj.bias", "conv1d.bias", "out_proj.bias", "w_1.bias", "w_2.bias")
+    bias_errors = {n: e for n, e in errors.items() if n.endswith(folded)}
+    print(
+        f"\n[gpu] {model_name} training: loss cpu {loss_cpu:.6f} cuda {loss_cuda:.6f}; "
+        f"largest gradient error {errors[worst]:.1e} ({worst}); folded biases: "
+        + ", ".join(f"{n} {e:.1e}" for n, e in bias_errors.items())
+    )
+    assert abs(loss_cuda - loss_cpu) < 1e-3 * abs(loss_cpu)
+    assert len(bias_errors) == 5 * model.num_layers
+    assert max(bias_errors.values()) < 1e-3, bias_errors  # float32 sums
+    # the scan's products run in TF32 (module docstring): A_log's gradient, a sum of many
+    # cancelling terms, is the most sensitive (~1e-2)
+    assert errors[worst] < 5e-2, (worst, errors[worst])

@@ -25,41 +25,49 @@ from benchmarks.sm90 import (  # noqa: E402
 
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("dropout", [True, False])
+@pytest.mark.parametrize("x_bias", [True, False])
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_layer_norm_kernels_compile(residual, dropout, dtype):
+def test_layer_norm_kernels_compile(residual, dropout, x_bias, dtype):
     from models import layer_norm_triton as k
 
     res = F32 if residual else None
     seed = I64 if dropout else None
+    xb = F32 if x_bias else None
     common = dict(M=1000, N=64, s_x=64, s_res=64, p=0.1, HAS_RES=residual, HAS_DROPOUT=dropout)
-    common.update(QROWS=32, BLOCK_N=64)
+    common.update(QROWS=32, BLOCK_N=64, HAS_XBIAS=x_bias, xb_ptr=xb)
     compile_for_sm90(
         k._dropout_add_layer_norm_fwd, x_ptr=dtype, res_ptr=res, w_ptr=F32, b_ptr=F32,
         y_ptr=F32, mean_ptr=F32, rstd_ptr=F32, seed_ptr=seed, s_y=64, eps=1e-5, **common,
     )  # fmt: skip
     compile_for_sm90(
         k._dropout_add_layer_norm_bwd, x_ptr=dtype, res_ptr=res, w_ptr=F32, dy_ptr=F32,
-        dx_ptr=dtype, dres_ptr=res, dw_ptr=F32, db_ptr=F32, mean_ptr=F32, rstd_ptr=F32,
-        seed_ptr=seed, s_dy=64, s_dx=64, s_dres=64, STORE_DRES=residual, **common,
+        dx_ptr=dtype, dres_ptr=res, dw_ptr=F32, db_ptr=F32, dxb_ptr=F32, mean_ptr=F32,
+        rstd_ptr=F32, seed_ptr=seed, s_dy=64, s_dx=64, s_dres=64, STORE_DRES=residual,
+        **common,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("dropout", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_hardswish_dropout_kernels_compile(dropout, dtype):
+def test_hardswish_dropout_kernels_compile(dropout, bias, dtype):
     from models import hardswish_dropout_triton as k
 
-    common = dict(seed_ptr=I64 if dropout else None, n=5000, p=0.1, HAS_DROPOUT=dropout)
-    common.update(QUARTER=k.QUARTER)
+    common = dict(seed_ptr=I64 if dropout else None, M=5000, N=256, p=0.1, HAS_DROPOUT=dropout)
+    common.update(b_ptr=F32 if bias else None, HAS_BIAS=bias, GROUPS=k.BWD_GROUPS)
+    common.update(QROWS=k.QUARTER_ELEMENTS // 256, BLOCK_N=256)
     compile_for_sm90(k._hardswish_dropout_fwd, x_ptr=dtype, y_ptr=dtype, **common)
-    compile_for_sm90(k._hardswish_dropout_bwd, x_ptr=dtype, dy_ptr=dtype, dx_ptr=dtype, **common)
+    compile_for_sm90(
+        k._hardswish_dropout_bwd, x_ptr=dtype, dy_ptr=dtype, dx_ptr=dtype, db_ptr=F32, **common
+    )
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_causal_conv_kernels_compile(dtype):
+@pytest.mark.parametrize("x_bias", [True, False])  # xBC with in_proj's bias; the time path
+def test_causal_conv_kernels_compile(dtype, x_bias):
     from models import causal_conv_triton as k
 
-    for name, args in conv_kernel_args(200, 320, 324, dtype).items():
+    for name, args in conv_kernel_args(200, 320, 324, dtype, x_bias).items():
         compile_for_sm90(getattr(k, name), **args)
 
 
@@ -76,17 +84,19 @@ def test_fused_ssd_kernels_compile(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("N", [128, 48])
-def test_gated_norm_kernels_compile(dtype, N):
+@pytest.mark.parametrize("z_bias", [True, False])
+def test_gated_norm_kernels_compile(dtype, N, z_bias):
     from models import gated_norm_triton as k
 
     common = dict(M=1000, N=N, s_x=N, s_z=324, ROWS=k.ROWS, BLOCK_N=triton.next_power_of_2(N))
+    common.update(zb_ptr=F32 if z_bias else None, HAS_ZBIAS=z_bias)
     compile_for_sm90(
         k._gated_rms_norm_fwd, x_ptr=dtype, z_ptr=dtype, w_ptr=F32, y_ptr=dtype, rstd_ptr=F32,
         s_y=N, eps=1e-5, **common,
     )  # fmt: skip
     compile_for_sm90(
         k._gated_rms_norm_bwd, x_ptr=dtype, z_ptr=dtype, w_ptr=F32, dy_ptr=dtype, rstd_ptr=F32,
-        dx_ptr=dtype, dz_ptr=dtype, dw_ptr=F32, s_dy=N, s_dx=N, s_dz=N, **common,
+        dx_ptr=dtype, dz_ptr=dtype, dw_ptr=F32, dzb_ptr=F32, s_dy=N, s_dx=N, s_dz=N, **common,
     )  # fmt: skip
 
 
@@ -100,13 +110,3 @@ def test_ptxas_reports_registers_and_spills():
     resources = ptxas_resources(ptx)
     assert 16 <= resources["registers"] <= 255
     assert resources["spill_stores"] == 0 and resources["spill_loads"] == 0
-
-
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_linear_column_sum_kernel_compiles(dtype):
-    from models import linear_triton as k
-
-    compile_for_sm90(
-        k._column_sum_partial, x_ptr=dtype, partial_ptr=F32, M=120_000, N=324, s_m=324,
-        ROWS_PER_PROGRAM=k.ROWS_PER_PROGRAM, BLOCK_M=k.BLOCK_M, BLOCK_N=k.MAX_BLOCK_N,
-    )  # fmt: skip
