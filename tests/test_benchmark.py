@@ -366,3 +366,19 @@ def test_product_shapes_are_the_products_the_floor_counts():
         )
         == 3 * (m * k + k * n + m * n) * 2
     )
+
+
+def test_linear_products_are_the_blocks_products():
+    """benchmarks.linear_products times in_proj, out_proj and the FFN at the widths the
+    model builds, and refuses to run without CUDA with one clear message."""
+    from benchmarks.linear_products import layer_products, main
+
+    assert layer_products(100, 64) == [
+        ("in_proj", 64, 324),
+        ("out_proj", 128, 64),
+        ("ffn W1", 64, 256),
+        ("ffn W2", 256, 64),
+    ]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            main([])
