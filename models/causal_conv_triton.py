@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_vectors import optional_vector
+
 BLOCK_L = 64
 MAX_BLOCK_C = 64
 
@@ -68,13 +70,6 @@ def _conv_tile(
 
 
 @triton.jit
-def _x_bias(xb_ptr, offs_c, mask_c, HAS_XBIAS: tl.constexpr):
-    if HAS_XBIAS:
-        return tl.load(xb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    return tl.zeros(offs_c.shape, dtype=tl.float32)
-
-
-@triton.jit
 def _causal_conv_fwd(
     x_ptr, w_ptr, b_ptr, xb_ptr, y_ptr,
     L, C,
@@ -86,7 +81,7 @@ def _causal_conv_fwd(
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    xb = _x_bias(xb_ptr, offs_c, mask_c, HAS_XBIAS)
+    xb = optional_vector(xb_ptr, offs_c, mask_c, HAS_XBIAS)
     pre = _conv_tile(
         x_ptr + b * s_x_b, w_ptr, b_ptr, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K, HAS_XBIAS
     )
@@ -112,7 +107,7 @@ def _causal_conv_bwd_g(
     mask_c = offs_c < C
     rows = (offs_l < L)[:, None] & mask_c[None, :]
     x_base = x_ptr + b * s_x_b
-    xb = _x_bias(xb_ptr, offs_c, mask_c, HAS_XBIAS)
+    xb = optional_vector(xb_ptr, offs_c, mask_c, HAS_XBIAS)
     pre = _conv_tile(
         x_base, w_ptr, b_ptr, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K, HAS_XBIAS
     )

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from models.causal_conv_triton import hardswish, hardswish_grad
 from models.triton_dropout import check_elements, dropout_seed
+from models.triton_vectors import optional_vector
 
 QUARTER_ELEMENTS = 1024  # rows x BLOCK_N of each of a row group's four blocks
 # Row groups per program: one forward (most programs in flight); more backward, for fewer
@@ -71,20 +72,13 @@ def _bwd_rows(x_ptr, dy_ptr, dx_ptr, rows, cols, b, M, N, draw, p, HAS_DROPOUT: 
 
 
 @triton.jit
-def _bias(b_ptr, cols, N, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        return tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    return tl.zeros(cols.shape, dtype=tl.float32)
-
-
-@triton.jit
 def _hardswish_dropout_fwd(
     x_ptr, b_ptr, y_ptr, seed_ptr, M, N, p,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QROWS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     cols = tl.arange(0, BLOCK_N)
-    b = _bias(b_ptr, cols, N, HAS_BIAS)
+    b = optional_vector(b_ptr, cols, cols < N, HAS_BIAS)
     for i in range(GROUPS):
         group = tl.program_id(0) * GROUPS + i
         rows = group * 4 * QROWS + tl.arange(0, QROWS)
@@ -103,7 +97,7 @@ def _hardswish_dropout_bwd(
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    b = _bias(b_ptr, cols, N, HAS_BIAS)
+    b = optional_vector(b_ptr, cols, cols < N, HAS_BIAS)
     # the bias gradient: elementwise sums of the blocks, one reduction along rows at the end
     db = tl.zeros([QROWS, BLOCK_N], dtype=tl.float32)
     for i in range(GROUPS):

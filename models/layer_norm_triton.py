@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from models.triton_dropout import check_elements, dropout_seed
+from models.triton_vectors import optional_vector
 
 QUARTER_ELEMENTS = 2048  # rows x BLOCK_N of each of a program's four row blocks
 
@@ -50,13 +51,6 @@ def _draws(
         ones = tl.full([QROWS, BLOCK_N], 1.0, tl.float32)
         r0, r1, r2, r3 = ones, ones, ones, ones
     return r0, r1, r2, r3
-
-
-@triton.jit
-def _x_bias(xb_ptr, cols, N, HAS_XBIAS: tl.constexpr):
-    if HAS_XBIAS:
-        return tl.load(xb_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    return tl.zeros(cols.shape, dtype=tl.float32)
 
 
 @triton.jit
@@ -106,7 +100,7 @@ def _dropout_add_layer_norm_fwd(
     cols = tl.arange(0, BLOCK_N)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    xb = _x_bias(xb_ptr, cols, N, HAS_XBIAS)
+    xb = optional_vector(xb_ptr, cols, cols < N, HAS_XBIAS)
     r0, r1, r2, r3 = _draws(seed_ptr, pid, cols, QROWS, BLOCK_N, HAS_DROPOUT)
     # four calls spelled out: constexprs packed into a tuple would stop being constexprs
     _fwd_rows(
@@ -170,7 +164,7 @@ def _dropout_add_layer_norm_bwd(
     rows = pid * 4 * QROWS + tl.arange(0, QROWS)
     cols = tl.arange(0, BLOCK_N)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    xb = _x_bias(xb_ptr, cols, N, HAS_XBIAS)
+    xb = optional_vector(xb_ptr, cols, cols < N, HAS_XBIAS)
     r0, r1, r2, r3 = _draws(seed_ptr, pid, cols, QROWS, BLOCK_N, HAS_DROPOUT)
     # four calls spelled out: constexprs packed into a tuple would stop being constexprs
     dw, db, dxb = _bwd_rows(
