@@ -31,9 +31,10 @@ def time_us(fn: Callable[[], object], device: torch.device) -> float:
     return 1e6 * statistics.median(measure.time_calls(fn, device, CALLS))
 
 
-def layer_products(rows: int, hidden: int) -> list[tuple[str, int, int]]:
-    """(name, k, n) of one layer's products Y (rows x n) = X (rows x k) W^T."""
-    shape = StepShape(batch=1, seq_len=rows, n_items=1, num_layers=1, hidden=hidden)
+def layer_products(hidden: int) -> list[tuple[str, int, int]]:
+    """(name, k, n) of one layer's products Y (rows x n) = X (rows x k) W^T at width
+    `hidden` (benchmarks/floor.py's product_shapes, the time path's and scoring left out)."""
+    shape = StepShape(batch=1, seq_len=1, n_items=1, num_layers=1, hidden=hidden)
     names = ("in_proj", "out_proj", "ffn W1", "ffn W2")
     products = [p for p in product_shapes(shape) if p[0] in ("in_proj", "out_proj", "ffn")]
     return [(name, k, n) for name, (_, _, k, n) in zip(names, products)]
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     total = {}
     for dtype in (torch.float32, torch.bfloat16):
         name_dtype = str(dtype).removeprefix("torch.")
-        for name, k, n in layer_products(args.rows, args.hidden):
+        for name, k, n in layer_products(args.hidden):
             us = measure_product(args.rows, k, n, dtype, device)
             flops = 2 * args.rows * k * n
             tflops = [flops / us[op] / 1e6 for op in ("forward", "dX", "dW")]

@@ -373,7 +373,7 @@ def test_linear_products_are_the_blocks_products():
     model builds, and refuses to run without CUDA with one clear message."""
     from benchmarks.linear_products import layer_products, main
 
-    assert layer_products(100, 64) == [
+    assert layer_products(64) == [
         ("in_proj", 64, 324),
         ("out_proj", 128, 64),
         ("ffn W1", 64, 256),
