@@ -21,12 +21,10 @@ from benchmarks.sm90 import (
     F32,
     compile_for_sm90,
     conv_kernel_args,
+    conv_launch_options,
     ptxas_resources,
     ssd_kernel_args,
 )
-
-# The convolution's kernels launch with Triton's defaults.
-CONV_OPTIONS = dict(num_warps=4, num_stages=3)
 
 
 def kernel_rows(sweep: bool, seq_len: int = 200) -> list[dict]:
@@ -40,7 +38,7 @@ def kernel_rows(sweep: bool, seq_len: int = 200) -> list[dict]:
             for name, args in ssd_kernel_args(seq_len, 32, 32, 32, 4, dtype).items()
         ]
         kernels += [  # xBC: 192 of in_proj's 324 columns
-            (causal_conv_triton, name, args, CONV_OPTIONS)
+            (causal_conv_triton, name, args, conv_launch_options(name))
             for name, args in conv_kernel_args(seq_len, 192, 324, dtype).items()
         ]
         for module, name, args, chosen in kernels:
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in kernel_rows(args.sweep, args.seq_len):
         o = r["options"]
-        print(f"| {r['kernel']} | {r['dtype']} | {o['num_warps']} | {o['num_stages']} | "
+        print(f"| {r['kernel']} | {r['dtype']} | {o['num_warps']} | {o.get('num_stages', 'default')} | "
               f"{'yes' if r['used'] else ''} | {r['registers']} | {r['spill_stores']} |")  # fmt: skip
 
 

@@ -97,28 +97,42 @@ def ssd_kernel_args(L: int, Q: int, P: int, N: int, H: int, dtype: torch.Tensor)
     return {"_ssd_fwd": fwd, "_ssd_bwd_dstates": dstates, "_ssd_bwd_chunk": chunk}
 
 
+def conv_tiles(kernel: str, L: int, C: int) -> dict:
+    """BLOCK_L and BLOCK_C of a causal convolution kernel's launch at (L, C)."""
+    from models import causal_conv_triton as k
+
+    options = k.launch(kernel, 1, L, C)[1]
+    return dict(BLOCK_L=options["BLOCK_L"], BLOCK_C=options["BLOCK_C"])
+
+
+def conv_launch_options(kernel: str) -> dict:
+    """The warps a causal convolution kernel launches with."""
+    from models import causal_conv_triton as k
+
+    return dict(num_warps=k.launch(kernel, 1, 1, 1)[1]["num_warps"])
+
+
 def conv_kernel_args(
     L: int, C: int, row_stride: int, dtype: torch.Tensor, x_bias: bool = True
 ) -> dict:
     """Arguments of models/causal_conv_triton.py's kernels: x a column slice of a wider
     projection (rows of `row_stride` elements) with that projection's bias (`x_bias`, as
-    the block passes xBC), `dtype` for x, y and their gradients."""
-    from models import causal_conv_triton as k
-
-    _, block_c = k._grid(1, L, C)  # the channels per program the launch uses
-    common = dict(L=L, C=C, K=4, HAS_XBIAS=x_bias, BLOCK_L=k.BLOCK_L, BLOCK_C=block_c)
+    the block passes xBC), `dtype` for x, y and their gradients; tiles as the launch
+    uses them (`conv_launch_options` gives the warps)."""
+    common = dict(L=L, C=C, K=4, HAS_XBIAS=x_bias)
     x_strides = dict(s_x_b=L * row_stride, s_x_l=row_stride, s_x_c=1)
     xb = F32 if x_bias else None
     fwd = dict(
         x_ptr=dtype, w_ptr=F32, b_ptr=F32, xb_ptr=xb, y_ptr=dtype, s_y_b=L * C, s_y_l=C, s_y_c=1,
-        **x_strides, **common,
+        **x_strides, **common, **conv_tiles("_causal_conv_fwd", L, C),
     )  # fmt: skip
     bwd_g = dict(
         x_ptr=dtype, w_ptr=F32, b_ptr=F32, xb_ptr=xb, dy_ptr=dtype, g_ptr=F32, dw_ptr=F32,
         db_ptr=F32, s_dy_b=L * C, s_dy_l=C, s_dy_c=1, **x_strides, **common,
+        **conv_tiles("_causal_conv_bwd_g", L, C),
     )  # fmt: skip
     bwd_dx = dict(
         g_ptr=F32, w_ptr=F32, dx_ptr=dtype, dxb_ptr=xb, s_dx_b=L * C, s_dx_l=C, s_dx_c=1,
-        **common,
+        **common, **conv_tiles("_causal_conv_bwd_dx", L, C),
     )  # fmt: skip
     return {"_causal_conv_fwd": fwd, "_causal_conv_bwd_g": bwd_g, "_causal_conv_bwd_dx": bwd_dx}

@@ -5,11 +5,13 @@ models/causal_conv_triton.py).
 GPU busy time (torch.profiler) of one layer's call at the ML-1M all-positions step's
 shape, forward and forward + backward, float32 and bfloat16 inputs; for the fused kernels
 also each scan kernel's registers and spills. `--sweep` times the fused scan kernels'
-launch options (warps, pipeline stages) to choose their defaults. "time conv" is the time
-path's convolution: 4 channels of a (B, H, L) signal seen as (B, L, H).
+launch options (warps, pipeline stages) and the convolution's (tile rows and channels,
+warps) to choose their defaults, with each convolution kernel's time. "time conv" is the
+time path's convolution: 4 channels of a (B, H, L) signal seen as (B, L, H).
 
     python -m benchmarks.ssd_kernels                     # 600 x 200, H = 4, P = N = Q = 32
     python -m benchmarks.ssd_kernels --sweep --out ssd_kernels.json
+    python -m benchmarks.ssd_kernels --sweep --ops "conv,time conv"
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import measure
-from models import ssd_triton
+from models import causal_conv_triton, ssd_triton
 from models.backend import import_mamba_triton
 from ssd import causal_conv1d_hardswish, unpack_xbc
+
+CONV_KERNELS = tuple(causal_conv_triton.LAUNCH_OPTIONS)
 
 TIMED_CALLS = 20
 
@@ -179,15 +183,31 @@ def main(argv: list[str] | None = None) -> None:
             for name in ssd_triton.LAUNCH_OPTIONS
             for w, s in itertools.product((2, 4, 8), (1, 2))
         ]
+        # the convolution's three kernels at one tile geometry and warp count together;
+        # the profile times each kernel, so each can take its best
+        conv_grid = {  # the time path has 4 channels: its tiles are 4 wide whatever BLOCK_C
+            "conv": itertools.product((16, 32, 64), (32, 64), (4, 8)),
+            "time conv": itertools.product((16, 32, 64), (64,), (2, 4)),
+        }
+        variants += [
+            (op, "fused", {name: dict(BLOCK_L=rows, BLOCK_C=cols, num_warps=w)
+                           for name in causal_conv_triton.LAUNCH_OPTIONS})
+            for op, grid in conv_grid.items()
+            for rows, cols, w in grid
+        ]  # fmt: skip
     ops = {op.strip() for op in args.ops.split(",")}
     variants = [v for v in variants if v[0] in ops]
-    defaults = {name: dict(options) for name, options in ssd_triton.LAUNCH_OPTIONS.items()}
+    modules = (ssd_triton, causal_conv_triton)
+    defaults = [{n: dict(o) for n, o in m.LAUNCH_OPTIONS.items()} for m in modules]
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         scan_in, conv_in = make_inputs(*shape, dtype), conv_inputs(*shape, dtype)
         time_in = time_conv_inputs(args.windows, args.seq_len, args.heads, dtype)
         for op, kernel, options in variants:
-            ssd_triton.LAUNCH_OPTIONS.update(options)
+            for module in modules:
+                module.LAUNCH_OPTIONS.update(
+                    {n: o for n, o in options.items() if n in module.LAUNCH_OPTIONS}
+                )
             try:
                 if op == "scan":
                     calls = scan_calls(kernel, scan_in, args.d_state, args.chunk_size)
@@ -197,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as err:  # one failing option keeps the others
                 timing = dict(error=f"{type(err).__name__}: {str(err)[:200]}")
             rows.append(dict(op=op, kernel=kernel, dtype=str(dtype)[6:], options=options, **timing))
-            ssd_triton.LAUNCH_OPTIONS.update(defaults)
+            for module, default in zip(modules, defaults):
+                module.LAUNCH_OPTIONS.update(default)
     print(f"{torch.cuda.get_device_name(device)}, one layer, (B, L, H, P, N) = {shape}, "
           f"Q = {args.chunk_size}; GPU busy ms")  # fmt: skip
     print("| op | kernel | dtype | options | forward | backward | forward + backward |")
@@ -208,6 +229,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{head} {r['error']} | | |")
             continue
         print(f"{head} {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
+    print("\nThe fused convolution's kernels, GPU us per call:")
+    print("| op | dtype | options | " + " | ".join(CONV_KERNELS) + " |")
+    print("|---|---|---|" + "---|" * len(CONV_KERNELS))
+    for r in rows:
+        if r["op"] in ("conv", "time conv") and r["kernel"] == "fused" and "kernels" in r:
+            options = next(iter(r["options"].values()), "default")
+            us = [f"{1e3 * r['kernels'].get(name, float('nan')):.1f}" for name in CONV_KERNELS]
+            print(f"| {r['op']} | {r['dtype']} | {options} | " + " | ".join(us) + " |")
     resources = kernel_resources()
     print("fused kernels compiled:", json.dumps(resources))
     if args.out:

@@ -26,8 +26,17 @@ import triton.language as tl
 
 from models.triton_vectors import optional_vector
 
-BLOCK_L = 64
-MAX_BLOCK_C = 64
+# Tiles of (BLOCK_L rows, up to BLOCK_C channels) and warps per kernel. The two backward
+# kernels share one tile geometry (their per-tile partial sums go into one buffer), so
+# `_causal_conv_bwd_dx` takes BLOCK_L and BLOCK_C from `_causal_conv_bwd_g`'s entry.
+# `python -m benchmarks.ssd_kernels --sweep --ops conv` times the alternatives: 64 x 64
+# at 4 warps was the fastest of 12 for xBC on an H200, though ptxas reports spills at it
+# (docs/performance_notes.md, "Convolution launch options").
+LAUNCH_OPTIONS: dict[str, dict] = {
+    "_causal_conv_fwd": dict(BLOCK_L=64, BLOCK_C=64, num_warps=4),
+    "_causal_conv_bwd_g": dict(BLOCK_L=64, BLOCK_C=64, num_warps=4),
+    "_causal_conv_bwd_dx": dict(num_warps=4),
+}
 
 
 @triton.jit
@@ -158,9 +167,19 @@ def _causal_conv_bwd_dx(
         )
 
 
-def _grid(batch: int, length: int, channels: int) -> tuple[tuple[int, int, int], int]:
-    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(channels))
-    return (batch, triton.cdiv(length, BLOCK_L), triton.cdiv(channels, block_c)), block_c
+def launch(kernel: str, batch: int, length: int, channels: int) -> tuple[tuple, dict]:
+    """(grid, launch options) of `kernel` from LAUNCH_OPTIONS: BLOCK_C shrinks to the
+    channels (a power of two) when there are fewer (the time path's 4)."""
+    tiles = LAUNCH_OPTIONS["_causal_conv_bwd_g" if kernel == "_causal_conv_bwd_dx" else kernel]
+    options = {**tiles, **LAUNCH_OPTIONS[kernel]}
+    options["BLOCK_C"] = min(tiles["BLOCK_C"], triton.next_power_of_2(channels))
+    options["BLOCK_L"] = tiles["BLOCK_L"]
+    grid = (
+        batch,
+        triton.cdiv(length, options["BLOCK_L"]),
+        triton.cdiv(channels, options["BLOCK_C"]),
+    )
+    return grid, options
 
 
 class CausalConvHardswish(torch.autograd.Function):
@@ -173,10 +192,10 @@ class CausalConvHardswish(torch.autograd.Function):
         K = weight.shape[-1]
         weight, bias = weight.reshape(channels, K).contiguous(), bias.contiguous()
         y = torch.empty_like(x)  # x's memory order when it is dense, else contiguous
-        grid, block_c = _grid(batch, length, channels)
+        grid, options = launch("_causal_conv_fwd", batch, length, channels)
         _causal_conv_fwd[grid](
             x, weight, bias, x_bias, y, length, channels, *x.stride(), *y.stride(),
-            K=K, HAS_XBIAS=x_bias is not None, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+            K=K, HAS_XBIAS=x_bias is not None, **options,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, x_bias)
         return y
@@ -187,7 +206,8 @@ class CausalConvHardswish(torch.autograd.Function):
         batch, length, channels = x.shape
         K = weight.shape[-1]
         has_x_bias = x_bias is not None
-        grid, block_c = _grid(batch, length, channels)
+        grid, options_g = launch("_causal_conv_bwd_g", batch, length, channels)
+        _, options_dx = launch("_causal_conv_bwd_dx", batch, length, channels)
         tiles = grid[0] * grid[1]
         g = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
         # per-tile sums of the weight's (K rows), the bias's and x_bias's gradients
@@ -197,12 +217,12 @@ class CausalConvHardswish(torch.autograd.Function):
         _causal_conv_bwd_g[grid](
             x, weight, bias, x_bias, dy, g, partials[:K], partials[K],
             length, channels, *x.stride(), *dy.stride(),
-            K=K, HAS_XBIAS=has_x_bias, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+            K=K, HAS_XBIAS=has_x_bias, **options_g,
         )  # fmt: skip
         dx = torch.empty_like(x)
         _causal_conv_bwd_dx[grid](
             g, weight, dx, partials[-1], length, channels, *dx.stride(),
-            K=K, HAS_XBIAS=has_x_bias, BLOCK_L=BLOCK_L, BLOCK_C=block_c,
+            K=K, HAS_XBIAS=has_x_bias, **options_dx,
         )  # fmt: skip
         sums = partials.sum(-1)  # (K + 1 + has_x_bias, C)
         dx_bias = sums[K + 1] if has_x_bias else None

@@ -7,6 +7,8 @@ On CUDA (marked gpu) and, where Triton is installed, on CPU through its interpre
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import run_in_triton_interpreter
@@ -26,6 +28,27 @@ CASES = [
     (2, 33, 96, 4, "slice"),
     (2, 2, 3, 5, "transposed"),
 ]
+
+# Launch geometries besides the shipped one: forward and backward tiles unlike each other
+# and the shipped ones (ragged row tiles at every case's length).
+OTHER_LAUNCH_OPTIONS = {
+    "_causal_conv_fwd": dict(BLOCK_L=32, BLOCK_C=32, num_warps=2),
+    "_causal_conv_bwd_g": dict(BLOCK_L=16, BLOCK_C=64, num_warps=8),
+    "_causal_conv_bwd_dx": dict(num_warps=2),
+}
+
+
+@contextlib.contextmanager
+def launch_options(options: dict | None):
+    """models.causal_conv_triton.LAUNCH_OPTIONS replaced by `options` (None: as shipped)."""
+    from models import causal_conv_triton
+
+    saved = {name: dict(o) for name, o in causal_conv_triton.LAUNCH_OPTIONS.items()}
+    causal_conv_triton.LAUNCH_OPTIONS.update(options or {})
+    try:
+        yield
+    finally:
+        causal_conv_triton.LAUNCH_OPTIONS.update(saved)
 
 
 def _input(gen: torch.Generator, batch: int, length: int, channels: int, layout: str):
@@ -87,9 +110,11 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("options", [None, OTHER_LAUNCH_OPTIONS], ids=["shipped", "other"])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_causal_conv_matches_reference_on_gpu(case):
-    errors = check_against_reference("cuda", case, seed=sum(case[:4]))
+def test_fused_causal_conv_matches_reference_on_gpu(case, options):
+    with launch_options(options):
+        errors = check_against_reference("cuda", case, seed=sum(case[:4]))
     print(f"\n[gpu] causal conv {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) < 1e-5, errors
 
@@ -103,10 +128,13 @@ def test_fused_causal_conv_in_bf16_rounds_only_its_output():
 def test_fused_causal_conv_in_interpreter():
     """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
     code = (
-        "from tests.test_causal_conv import CASES, check_against_reference\n"
-        "for i, case in enumerate(CASES):\n"
-        "    errors = check_against_reference('cpu', case, seed=i)\n"
-        "    assert max(errors.values()) < 1e-5, (case, errors)\n"
+        "from tests.test_causal_conv import (\n"
+        "    CASES, OTHER_LAUNCH_OPTIONS, check_against_reference, launch_options)\n"
+        "for options in (None, OTHER_LAUNCH_OPTIONS):\n"
+        "    with launch_options(options):\n"
+        "        for i, case in enumerate(CASES):\n"
+        "            errors = check_against_reference('cpu', case, seed=i)\n"
+        "            assert max(errors.values()) < 1e-5, (options, case, errors)\n"
         "print('ok')\n"
     )
     run_in_triton_interpreter(code)
