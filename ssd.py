@@ -23,6 +23,7 @@ between chunks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from models.backend import BACKENDS, import_mamba_triton, resolve_backend
 from models.layers import Dropout, LowerTriangularLinear, PrefixLayerNorm, fuses_bias
+from models.split_gradient import split_columns
 
 SSD_KERNELS = ("fused", "mamba")  # the Triton backend's scan and gated norm: ours, mamba-ssm's
 
@@ -275,17 +277,19 @@ def rmsnorm_gated(
     backend: str = "auto",
     kernel: str = "fused",
     z_bias: torch.Tensor | None = None,
+    dz_into: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Gated RMSNorm over the last axis (gate before norm), on the chosen backend; on the
     Triton backend `kernel` picks this project's row-tiled kernel or mamba-ssm's.
     `z_bias`: the bias of the product z comes from, added (and its gradient summed) by the
-    fused kernel."""
+    fused kernel; `dz_into`: where the fused kernel writes z's gradient
+    (models/split_gradient.py), ignored elsewhere."""
     check_ssd_kernel(kernel)
     if resolve_backend(backend, x.device) == "triton":
         if kernel == "fused":
             from models.gated_norm_triton import gated_rms_norm
 
-            return gated_rms_norm(x, z, weight, eps, z_bias)
+            return gated_rms_norm(x, z, weight, eps, z_bias, dz_into)
         _, rmsnorm_fn = import_mamba_triton()
         z = z if z_bias is None else z + z_bias
         return rmsnorm_fn(x, weight, None, z=z, eps=eps, norm_before_gate=False)
@@ -313,14 +317,16 @@ def causal_conv1d_hardswish(
     bias: torch.Tensor,
     backend: str = "auto",
     x_bias: torch.Tensor | None = None,
+    dx_into: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(B, L, C) -> (B, L, C): one fused Triton kernel each way on the Triton backend
     (models/causal_conv_triton.py), nn.functional otherwise. `x_bias`: the bias of the
-    product x comes from, added (and its gradient summed) by the kernels."""
+    product x comes from, added (and its gradient summed) by the kernels; `dx_into`:
+    where the backward kernel writes x's gradient (models/split_gradient.py)."""
     if resolve_backend(backend, x.device) == "triton":
         from models.causal_conv_triton import CausalConvHardswish
 
-        return CausalConvHardswish.apply(x, weight, bias, x_bias)
+        return CausalConvHardswish.apply(x, weight, bias, x_bias, dx_into)
     return causal_conv1d_hardswish_reference(x, weight, bias, x_bias)
 
 
@@ -340,9 +346,13 @@ class CausalConv1dHardswish(nn.Conv1d):
         )
 
     def forward(
-        self, x: torch.Tensor, backend: str = "auto", x_bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        backend: str = "auto",
+        x_bias: torch.Tensor | None = None,
+        dx_into: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return causal_conv1d_hardswish(x, self.weight, self.bias, backend, x_bias)  # (B, L, C)
+        return causal_conv1d_hardswish(x, self.weight, self.bias, backend, x_bias, dx_into)
 
 
 class TiSSDBlock(nn.Module):
@@ -428,16 +438,21 @@ class TiSSDBlock(nn.Module):
         widths = [self.d_inner, self.d_inner + 2 * N, H]
         # On the Triton backend with the fused kernels, the gated norm and the convolution
         # add in_proj's bias to the columns they read, and sum its gradient as they write
-        # theirs: no reduction over in_proj's whole output gradient.
+        # theirs: no reduction over in_proj's whole output gradient. They also write their
+        # inputs' gradients into the columns of one gradient of in_proj's output: no
+        # concatenation of the three blocks' gradients.
         fold = self.ssd_kernel == "fused" and fuses_bias(self.backend, u.device)
         zxbcdt = F.linear(u, self.in_proj.weight, None if fold else self.in_proj.bias)
         # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
-        z, xBC, dt = torch.split(zxbcdt, widths, dim=-1)
-        z_bias = xBC_bias = None
+        z_bias = xBC_bias = dz_into = dxBC_into = None
         if fold:
+            (z, xBC, dt), gradient = split_columns(zxbcdt, widths)
+            dz_into, dxBC_into = partial(gradient.block, 0), partial(gradient.block, 1)
             z_bias, xBC_bias, dt_proj_bias = torch.split(self.in_proj.bias, widths)
             dt = dt + dt_proj_bias
-        xBC = self.conv1d(xBC, self.backend, x_bias=xBC_bias)  # (B, L, d_in + 2N)
+        else:
+            z, xBC, dt = torch.split(zxbcdt, widths, dim=-1)
+        xBC = self.conv1d(xBC, self.backend, xBC_bias, dxBC_into)  # (B, L, d_in + 2N)
 
         theta = None
         if self.is_time:
@@ -467,6 +482,7 @@ class TiSSDBlock(nn.Module):
             backend=self.backend,
             kernel=self.ssd_kernel,
             z_bias=z_bias,
+            dz_into=dz_into,
         )
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias if out_bias else None)
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from models.split_gradient import gradient_buffer
 from models.triton_vectors import optional_vector
 
 # Tiles of (BLOCK_L rows, up to BLOCK_C channels) and warps per kernel. The two backward
@@ -184,10 +185,12 @@ def launch(kernel: str, batch: int, length: int, channels: int) -> tuple[tuple, 
 
 class CausalConvHardswish(torch.autograd.Function):
     """hardswish(causal depthwise conv of x + x_bias (B, L, C) along L), weight (C, 1, K),
-    bias (C,); `x_bias` (C,) may be None."""
+    bias (C,); `x_bias` (C,) may be None. `dx_into` (optional, called in backward) gives
+    the tensor to write x's gradient into, e.g. a view into the gradient of the product x
+    is a slice of (models/split_gradient.py)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, x_bias=None) -> torch.Tensor:
+    def forward(ctx, x, weight, bias, x_bias=None, dx_into=None) -> torch.Tensor:
         batch, length, channels = x.shape
         K = weight.shape[-1]
         weight, bias = weight.reshape(channels, K).contiguous(), bias.contiguous()
@@ -198,6 +201,7 @@ class CausalConvHardswish(torch.autograd.Function):
             K=K, HAS_XBIAS=x_bias is not None, **options,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, x_bias)
+        ctx.dx_into = dx_into
         return y
 
     @staticmethod
@@ -219,11 +223,11 @@ class CausalConvHardswish(torch.autograd.Function):
             length, channels, *x.stride(), *dy.stride(),
             K=K, HAS_XBIAS=has_x_bias, **options_g,
         )  # fmt: skip
-        dx = torch.empty_like(x)
+        dx = gradient_buffer(ctx.dx_into, x)
         _causal_conv_bwd_dx[grid](
             g, weight, dx, partials[-1], length, channels, *dx.stride(),
             K=K, HAS_XBIAS=has_x_bias, **options_dx,
         )  # fmt: skip
         sums = partials.sum(-1)  # (K + 1 + has_x_bias, C)
         dx_bias = sums[K + 1] if has_x_bias else None
-        return dx, sums[:K].T.reshape(channels, 1, K), sums[K], dx_bias
+        return dx, sums[:K].T.reshape(channels, 1, K), sums[K], dx_bias, None

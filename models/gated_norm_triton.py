@@ -20,9 +20,13 @@ mamba`) on the Triton backend; tests/test_gated_norm.py compares both with the r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+
+from models.split_gradient import gradient_buffer
 
 ROWS = 32  # rows per program
 
@@ -99,10 +103,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 class GatedRMSNorm(torch.autograd.Function):
     """y = RMSNorm(x * silu(z + z_bias)) * weight over the last axis (module docstring);
-    `z_bias` may be None."""
+    `z_bias` may be None. `dz_into` (optional, called in backward) gives the tensor to
+    write z's gradient into (models/split_gradient.py)."""
 
     @staticmethod
-    def forward(ctx, x, z, weight, eps: float, z_bias=None):
+    def forward(ctx, x, z, weight, eps: float, z_bias=None, dz_into=None):
         shape = x.shape
         x2, z2 = _rows(x), _rows(z)
         M, N = x2.shape
@@ -114,7 +119,7 @@ class GatedRMSNorm(torch.autograd.Function):
             HAS_ZBIAS=z_bias is not None, ROWS=ROWS, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
         ctx.save_for_backward(x2, z2, z_bias, weight, rstd)
-        ctx.shapes = (shape, z.shape)
+        ctx.shapes, ctx.dz_into = (shape, z.shape), dz_into
         return y.view(shape)
 
     @staticmethod
@@ -125,7 +130,7 @@ class GatedRMSNorm(torch.autograd.Function):
         M, N = x2.shape
         programs = triton.cdiv(M, ROWS)
         dx = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-        dz = torch.empty(M, N, device=x2.device, dtype=z2.dtype)
+        dz = _rows(gradient_buffer(ctx.dz_into, z2))
         # per-program sums of the weight's and z_bias's gradients: one reduction for both
         partials = torch.empty(
             (1 if z_bias is None else 2, N, programs), device=x2.device, dtype=torch.float32
@@ -138,7 +143,7 @@ class GatedRMSNorm(torch.autograd.Function):
         )  # fmt: skip
         sums = partials.sum(-1)
         dz_bias = None if z_bias is None else sums[1].to(z_bias.dtype)
-        return dx.view(x_shape), dz.view(z_shape), sums[0].to(weight.dtype), None, dz_bias
+        return dx.view(x_shape), dz.view(z_shape), sums[0].to(weight.dtype), None, dz_bias, None
 
 
 def gated_rms_norm(
@@ -147,7 +152,8 @@ def gated_rms_norm(
     weight: torch.Tensor,
     eps: float,
     z_bias: torch.Tensor | None = None,
+    dz_into: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """x, z (..., N) in any dtype and row strides, weight and z_bias (N,) -> y (..., N)
-    in x's dtype."""
-    return GatedRMSNorm.apply(x, z, weight, eps, z_bias)
+    in x's dtype; `dz_into` as GatedRMSNorm's."""
+    return GatedRMSNorm.apply(x, z, weight, eps, z_bias, dz_into)
