@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.backend import BACKENDS, import_mamba_triton, resolve_backend
-from models.layers import Dropout, LowerTriangularLinear, PrefixLayerNorm, fuses_bias
+from models.layers import Dropout, LowerTriangularLinear, PrefixLayerNorm, fuses_bias, product
 from models.split_gradient import split_columns
 
 SSD_KERNELS = ("fused", "mamba")  # the Triton backend's scan and gated norm: ours, mamba-ssm's
@@ -379,6 +379,7 @@ class TiSSDBlock(nn.Module):
         causal_time: bool = False,
         backend: str = "auto",
         ssd_kernel: str = "fused",
+        product_kernel: str = "triton",
     ) -> None:
         super().__init__()
         self.d_inner = expand * d_model
@@ -396,6 +397,7 @@ class TiSSDBlock(nn.Module):
             raise ValueError(f"ssd_backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.ssd_kernel = check_ssd_kernel(ssd_kernel)
+        self.product_kernel = product_kernel  # for the bias-free products (`fuses_bias`)
 
         # [z | xBC | dt]: gate, conv input (x, B, C with one group), per-head step size
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads)
@@ -442,7 +444,10 @@ class TiSSDBlock(nn.Module):
         # inputs' gradients into the columns of one gradient of in_proj's output: no
         # concatenation of the three blocks' gradients.
         fold = self.ssd_kernel == "fused" and fuses_bias(self.backend, u.device)
-        zxbcdt = F.linear(u, self.in_proj.weight, None if fold else self.in_proj.bias)
+        if fold:
+            zxbcdt = product(u, self.in_proj.weight, self.product_kernel)
+        else:
+            zxbcdt = self.in_proj(u)
         # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
         z_bias = xBC_bias = dz_into = dxBC_into = None
         if fold:
@@ -484,7 +489,10 @@ class TiSSDBlock(nn.Module):
             z_bias=z_bias,
             dz_into=dz_into,
         )
-        out = F.linear(y, self.out_proj.weight, self.out_proj.bias if out_bias else None)
+        if out_bias:
+            out = self.out_proj(y)  # (B, L, d)
+        else:
+            out = product(y, self.out_proj.weight, self.product_kernel)  # (B, L, d)
 
         if not self.is_time:
             return out, time_signal

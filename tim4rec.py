@@ -47,7 +47,13 @@ class TiSSDLayer(nn.Module):
         self.block = TiSSDBlock(d_model=d_model, backend=backend, **block_kwargs)
         self.residual = residual
         self.layer_norm = DropoutAddLayerNorm(d_model, dropout, backend=backend)
-        self.ffn = FeedForward(d_model, dropout, nn.Hardswish(), backend=backend)
+        self.ffn = FeedForward(
+            d_model,
+            dropout,
+            nn.Hardswish(),
+            backend=backend,
+            product_kernel=block_kwargs.get("product_kernel", "triton"),
+        )
 
     def forward(
         self, x: torch.Tensor, time_signal: torch.Tensor | None
@@ -136,6 +142,7 @@ class TiM4Rec(SequentialRecommender):
             causal_time=self.is_time and config["time_encoding"] == "causal",
             backend=config["ssd_backend"],
             ssd_kernel=config["ssd_kernel"] or "fused",  # absent from older checkpoints
+            product_kernel=config["product_kernel"] or "triton",
         )
         self.layers = nn.ModuleList(
             TiSSDLayer(

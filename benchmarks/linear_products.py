@@ -8,6 +8,8 @@ step can get (docs/performance_notes.md, "Why the floor is out of reach").
 
     python -m benchmarks.linear_products                    # 120,000 rows, d = 64
     python -m benchmarks.linear_products --blas cublaslt
+    python -m benchmarks.linear_products --kernel triton    # models/products_triton.py
+    python -m benchmarks.linear_products --kernel triton --sweep   # launch configurations
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -40,16 +43,50 @@ def layer_products(hidden: int) -> list[tuple[str, int, int]]:
     return [(name, k, n) for name, (_, _, k, n) in zip(names, products)]
 
 
-def measure_product(rows: int, k: int, n: int, dtype: torch.dtype, device) -> dict[str, float]:
+def measure_product(
+    rows: int, k: int, n: int, dtype: torch.dtype, device, kernel: str = "cublas"
+) -> dict[str, float]:
+    """GPU us of one product's forward, dX, dW and bias sum; with kernel "triton" the
+    forward and dX of float32 products are models/products_triton.py's (as the model
+    runs them: dW and bf16 stay on cuBLAS)."""
     x = torch.randn(rows, k, device=device, dtype=dtype)
     w = torch.randn(n, k, device=device, dtype=dtype)
     dy = torch.randn(rows, n, device=device, dtype=dtype)
-    return {
-        "forward": time_us(lambda: x @ w.t(), device),
-        "dX": time_us(lambda: dy @ w, device),
-        "dW": time_us(lambda: dy.t() @ x, device),
-        "bias sum": time_us(lambda: dy.sum(0, dtype=torch.float32), device),
-    }
+    calls = {"forward": lambda: x @ w.t(), "dX": lambda: dy @ w, "dW": lambda: dy.t() @ x}
+    if kernel == "triton" and dtype == torch.float32:
+        from models.products_triton import product_dx, product_fwd
+
+        calls.update(forward=lambda: product_fwd(x, w), dX=lambda: product_dx(dy, w))
+    calls["bias sum"] = lambda: dy.sum(0, dtype=torch.float32)
+    return {op: time_us(fn, device) for op, fn in calls.items()}
+
+
+def sweep(rows: int, hidden: int, device) -> None:
+    """Each float32 Triton product at each of products_triton.SWEEP's configurations: GPU
+    us, the default configuration's and the fastest."""
+    from models import products_triton as k
+
+    ops = {"fwd": k.product_fwd, "dx": k.product_dx}
+    print("| product | op | default us | best us | best configuration |")
+    print("|---|---|---|---|---|")
+    for name, width, n in layer_products(hidden):
+        x = torch.randn(rows, width, device=device)
+        w = torch.randn(n, width, device=device)
+        dy = torch.randn(rows, n, device=device)
+        operands = {"fwd": (x, w), "dx": (dy, w)}
+        for op, fn in ops.items():
+            a, b = operands[op]
+            default = time_us(partial(fn, a, b), device)
+            results = []
+            for config in k.sweep_configs(op, width):
+                try:
+                    us = time_us(partial(fn, a, b, config), device)
+                except Exception as err:  # out of resources: that configuration loses
+                    us = float("inf")
+                    print(f"  {name} {op} {config}: {type(err).__name__}")
+                results.append((us, config))
+            best_us, best = min(results, key=lambda r: r[0])
+            print(f"| {name} | {op} | {default:.1f} | {best_us:.1f} | {best} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,19 +94,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=120_000, help="positions per step")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas")
+    parser.add_argument("--kernel", choices=("cublas", "triton"), default="cublas")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the Triton kernels' launch configurations instead")  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cuda.preferred_blas_library(args.blas)
-    print(f"{torch.cuda.get_device_name()}, {args.blas}, {args.rows:,} rows; GPU us per call")
+    if args.sweep:
+        sweep(args.rows, args.hidden, device)
+        return
+    kernel = args.blas if args.kernel == "cublas" else "Triton forward and dX in float32"
+    print(f"{torch.cuda.get_device_name()}, {kernel}, {args.rows:,} rows; GPU us per call")
     print("| product | dtype | forward | dX | dW | bias sum | TFLOP/s fwd / dX / dW | TB/s fwd |")
     print("|---|---|---|---|---|---|---|---|")
     total = {}
     for dtype in (torch.float32, torch.bfloat16):
         name_dtype = str(dtype).removeprefix("torch.")
         for name, k, n in layer_products(args.hidden):
-            us = measure_product(args.rows, k, n, dtype, device)
+            us = measure_product(args.rows, k, n, dtype, device, args.kernel)
             flops = 2 * args.rows * k * n
             tflops = [flops / us[op] / 1e6 for op in ("forward", "dX", "dW")]
             moved = (args.rows * k + k * n + args.rows * n) * dtype.itemsize

@@ -40,6 +40,25 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+PRODUCT_KERNELS = ("cublas", "triton")  # the Triton backend's bias-free products
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, kernel: str = "triton") -> torch.Tensor:
+    """x @ weight^T without bias, for products whose bias a fused kernel adds. "triton":
+    this project's tf32x3 kernels for float32 products on CUDA that reduce over at most
+    256 columns (models/products_triton.py; faster than cuBLAS there), F.linear for the
+    rest (bf16 autocast, where cuBLAS is faster; wider products); "cublas": F.linear."""
+    if kernel not in PRODUCT_KERNELS:
+        raise ValueError(f"product_kernel must be one of {PRODUCT_KERNELS}, got {kernel!r}")
+    float32 = x.dtype == weight.dtype == torch.float32
+    if kernel == "triton" and x.is_cuda and float32 and not torch.is_autocast_enabled("cuda"):
+        from models.products_triton import MAX_K, triton_product
+
+        if x.shape[-1] <= MAX_K:
+            return triton_product(x, weight)
+    return F.linear(x, weight)
+
+
 def dropout_add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -125,6 +144,7 @@ class FeedForward(nn.Module):
         activation: nn.Module,
         eps: float = 1e-12,
         backend: str = "torch",
+        product_kernel: str = "triton",
     ) -> None:
         super().__init__()
         self.w_1 = nn.Linear(d_model, 4 * d_model)
@@ -133,13 +153,16 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(dropout)
         self.layer_norm = DropoutAddLayerNorm(d_model, dropout, eps=eps, backend=backend)
         self.backend = backend
+        self.product_kernel = product_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, L, d)
         if isinstance(self.activation, nn.Hardswish) and fuses_bias(self.backend, x.device):
             p = self.dropout.p if self.training else 0.0
-            hidden = F.linear(x, self.w_1.weight)  # (B, L, 4d), the bias added by the kernel
+            # (B, L, 4d), the bias added by the kernel
+            hidden = product(x, self.w_1.weight, self.product_kernel)
             hidden = hardswish_dropout(hidden, p, self.backend, bias=self.w_1.bias)
-            return self.layer_norm(F.linear(hidden, self.w_2.weight), x, x_bias=self.w_2.bias)
+            out = product(hidden, self.w_2.weight, self.product_kernel)
+            return self.layer_norm(out, x, x_bias=self.w_2.bias)
         hidden = self.dropout(self.activation(self.w_1(x)))  # (B, L, 4d)
         return self.layer_norm(self.w_2(hidden), x)
 

@@ -67,6 +67,7 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "time_encoding": (str,),
     "ssd_backend": (str,),
     "ssd_kernel": (str,),
+    "product_kernel": (str,),
     "triton_autotune": (str,),
     "MAX_ITEM_LIST_LENGTH": (int,),
     "train_batch_size": (int,),
@@ -213,6 +214,7 @@ def check_values(config) -> None:
 def choice_keys() -> dict[str, tuple[str, ...]]:
     """The project's keys that take one of a few names, and those names."""
     from models.backend import BACKENDS
+    from models.layers import PRODUCT_KERNELS
     from models.triton_autotune import AUTOTUNE_MODES
     from pipeline.sequence_batches import TRAIN_LOADERS, TRAIN_POSITIONS  # they import us
     from ssd import SSD_KERNELS
@@ -222,6 +224,7 @@ def choice_keys() -> dict[str, tuple[str, ...]]:
         "time_encoding": TIME_ENCODINGS,
         "ssd_backend": BACKENDS,
         "ssd_kernel": SSD_KERNELS,
+        "product_kernel": PRODUCT_KERNELS,
         "triton_autotune": AUTOTUNE_MODES,
         "train_loader": TRAIN_LOADERS,
         "train_positions": TRAIN_POSITIONS,

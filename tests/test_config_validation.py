@@ -157,6 +157,10 @@ def test_keys_of_recbole_and_other_models_are_known():
             {"time_encoding": "log"},
             "time_encoding must be one of paper, corrected, causal, got 'log'",
         ),
+        (
+            {"product_kernel": "cutlass"},
+            "config key product_kernel must be one of cublas, triton, got 'cutlass'",
+        ),
     ],
 )
 def test_wrong_type_or_value(overrides, expected):

@@ -140,14 +140,21 @@ def test_model_scores_same_on_cpu_and_cuda(model_name, ml100k_slice):
     assert overlap > 0.95
 
 
-@pytest.mark.parametrize("model_name", ["TiM4Rec", "SSD4Rec"])
-def test_model_training_gradients_same_on_cpu_and_cuda(model_name, ml100k_slice):
+@pytest.mark.parametrize(
+    "model_name, product_kernel",
+    [("TiM4Rec", "cublas"), ("SSD4Rec", "cublas"), ("TiM4Rec", "triton")],
+)
+def test_model_training_gradients_same_on_cpu_and_cuda(model_name, product_kernel, ml100k_slice):
     """One training batch, dropout off: the loss and every parameter's gradient agree
     between CPU (PyTorch) and CUDA (the Triton kernels, which add the biases of in_proj,
     out_proj and the FFN themselves and sum their gradients). Biases are random, so that
     a bias the kernels dropped or mis-summed shows."""
     model, (train_data, _, _) = build_model(
-        model_name, ml100k_slice, dropout_prob=0.0, time_drop_out=0.0
+        model_name,
+        ml100k_slice,
+        dropout_prob=0.0,
+        time_drop_out=0.0,
+        product_kernel=product_kernel,
     )
     model.train()
     with torch.no_grad():
@@ -177,7 +184,7 @@ def test_model_training_gradients_same_on_cpu_and_cuda(model_name, ml100k_slice)
     folded = ("in_proj.bias", "conv1d.bias", "out_proj.bias", "w_1.bias", "w_2.bias")
     bias_errors = {n: e for n, e in errors.items() if n.endswith(folded)}
     print(
-        f"\n[gpu] {model_name} training: loss cpu {loss_cpu:.6f} cuda {loss_cuda:.6f}; "
+        f"\n[gpu] {model_name} training ({product_kernel} products): loss cpu {loss_cpu:.6f} cuda {loss_cuda:.6f}; "
         f"largest gradient error {errors[worst]:.1e} ({worst}); folded biases: "
         + ", ".join(f"{n} {e:.1e}" for n, e in bias_errors.items())
     )

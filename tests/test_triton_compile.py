@@ -111,3 +111,25 @@ def test_ptxas_reports_registers_and_spills():
     resources = ptxas_resources(ptx)
     assert 16 <= resources["registers"] <= 255
     assert resources["spill_stores"] == 0 and resources["spill_loads"] == 0
+
+
+@pytest.mark.parametrize("K", [64, 128, 256])
+def test_product_kernels_compile(K):
+    """At their launch configurations. The K = 256 input gradient spills ~200 bytes there
+    and was still the fastest configuration measured (docs/results/triton-products-h200/)."""
+    from benchmarks.sm90 import ptxas_resources
+    from models import products_triton as k
+
+    common = dict(M=120_000, N=324, K=K)
+    args = {
+        "fwd": dict(x_ptr=F32, w_ptr=F32, y_ptr=F32, s_xm=K, s_ym=324),
+        "dx": dict(dy_ptr=F32, w_ptr=F32, dx_ptr=F32, s_dym=324, s_dxm=K),
+    }
+    for op, kernel in (("fwd", k._product_fwd), ("dx", k._product_dx)):
+        config = k.launch_config(op, K)
+        options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        ptx = compile_for_sm90(kernel, options=options, **args[op], **config, **common)
+        resources = ptxas_resources(ptx)
+        assert 16 <= resources["registers"] <= 255, (op, resources)
+        if K <= 128:
+            assert resources["spill_stores"] == 0, (op, resources)

@@ -1,0 +1,161 @@
+"""The block's and FFN's float32 matrix products, Y = X W^T and dX = dY W, as Triton
+kernels on the tensor cores; the weight gradient stays on cuBLAS.
+
+TiM4Rec's products reduce over K <= 256 (in_proj 64 -> 324, out_proj 128 -> 64, the FFN
+64 -> 256 -> 64) across ~120,000 rows. In float32 cuBLAS runs them on the FP32 units
+(RecBole's "highest" matmul precision) at 25-40 TFLOP/s on an H200. Here the float32
+operands multiply as `tf32x3`: each split into a TF32 high part and a TF32 remainder,
+three tensor-core products summed in float32 (relative error ~1e-6, as float32 FMAs;
+plain TF32 would be ~1e-3). Measured per product on an H200 (docs/performance_notes.md,
+"Triton kernels for the products"): the forward and the input gradient beat cuBLAS, the
+weight gradient (a reduction over all rows) lost 1.4-2.9x and is cuBLAS's, and bf16
+products are cuBLAS's (faster there).
+
+- forward: each program computes a (BLOCK_M, BLOCK_N) tile of Y, walking K in blocks;
+- dX = dY W: each program a block of rows with all of K, walking N.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_K = 256  # the widest reduction a dX program holds whole
+
+
+@triton.jit
+def _product_fwd(
+    x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """y[rows, cols] = x[rows, :] @ w[cols, :]^T, w (N, K) contiguous, K in blocks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64 = rows.to(tl.int64)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + r64 * s_xm + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :])
+        w = tl.load(
+            w_ptr + cols[:, None] * K + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :]
+        )
+        acc += tl.dot(x, tl.trans(w), input_precision="tf32x3")
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    tl.store(y_ptr + r64 * s_ym + cols[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _product_dx(
+    dy_ptr, w_ptr, dx_ptr, M, N, K, s_dym, s_dxm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dx[rows, :] = dy[rows, :] @ w, walking N in blocks, all of K in one block."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    r64 = rows.to(tl.int64)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(
+            dy_ptr + r64 * s_dym + cols[None, :], mask=(rows < M)[:, None] & (cols < N)[None, :]
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * K + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :]
+        )
+        acc += tl.dot(dy, w, input_precision="tf32x3")
+    mask = (rows < M)[:, None] & (ks < K)[None, :]
+    tl.store(dx_ptr + r64 * s_dxm + ks[None, :], acc, mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (M, C) with unit stride along C (a view where the layout allows)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _block_k(k: int) -> int:
+    if k > MAX_K:
+        raise ValueError(f"Triton products reduce over at most {MAX_K} columns, got {k}")
+    return max(16, triton.next_power_of_2(k))  # tl.dot needs 16 or more
+
+
+# Launch configurations `benchmarks/linear_products.py --sweep` tries: (BLOCK_M, BLOCK_N,
+# BLOCK_K or None for all of K, warps, stages).
+SWEEP = {
+    "fwd": [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 64, 64, 4, 2), (128, 64, 32, 4, 2),
+            (128, 64, 64, 8, 3), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2)],
+    "dx": [(32, 32, None, 4, 3), (64, 32, None, 4, 3), (128, 32, None, 8, 3),
+           (64, 64, None, 4, 3), (64, 32, None, 8, 2), (32, 64, None, 4, 3)],
+}  # fmt: skip
+
+
+def sweep_configs(op: str, k: int) -> list[dict]:
+    """SWEEP[op] as launch configurations at reduction width k."""
+    return [
+        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=block_k or _block_k(k), num_warps=w, num_stages=s)
+        for m, n, block_k, w, s in SWEEP[op]
+    ]
+
+
+def launch_config(op: str, k: int) -> dict:
+    """Block sizes and warps of `op` ("fwd" or "dx") at reduction width k: the fastest of
+    the sweep for every product of the block on an H200 (docs/results/triton-products-h200/
+    sweep-A.log; the FFN's W1 input gradient was 7% faster at 128 x 32, 8 warps)."""
+    if op == "fwd":
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=_block_k(k), num_warps=4, num_stages=3)
+
+
+def product_fwd(x2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """x2 (M, K) @ w (N, K)^T -> (M, N), float32; `config` overrides launch_config's
+    (benchmarks/linear_products.py --sweep)."""
+    M, K = x2.shape
+    N = w.shape[0]
+    config = config or launch_config("fwd", K)
+    y = torch.empty(M, N, device=x2.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
+    _product_fwd[grid](x2, w, y, M, N, K, x2.stride(0), y.stride(0), **config)
+    return y
+
+
+def product_dx(dy2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """dy2 (M, N) @ w (N, K) -> (M, K), float32."""
+    M, N = dy2.shape
+    K = w.shape[1]
+    config = config or launch_config("dx", K)
+    dx = torch.empty(M, K, device=dy2.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, config["BLOCK_M"]),)
+    _product_dx[grid](dy2, w, dx, M, N, K, dy2.stride(0), dx.stride(0), **config)
+    return dx
+
+
+class TritonProduct(torch.autograd.Function):
+    """x (..., K) @ weight (N, K)^T in float32, without bias (the fused kernels add the
+    biases): Triton forward and input gradient, cuBLAS weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or weight.dtype != torch.float32:
+            raise ValueError(f"Triton products take float32, got {x.dtype} and {weight.dtype}")
+        _block_k(x.shape[-1])
+        x2, w = _rows(x), weight.contiguous()
+        ctx.save_for_backward(x2, w)
+        ctx.shape = x.shape
+        return product_fwd(x2, w).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, w = ctx.saved_tensors
+        dy2 = _rows(dy)
+        dx = dweight = None
+        if ctx.needs_input_grad[0]:
+            dx = product_dx(dy2, w).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            dweight = dy2.t() @ x2  # (N, K)
+        return dx, dweight
+
+
+def triton_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T, float32, K <= MAX_K (module docstring)."""
+    return TritonProduct.apply(x, weight)
