@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from models.split_gradient import gradient_buffer
+from models.triton_vectors import as_rows
 
 ROWS = 32  # rows per program
 
@@ -92,15 +93,6 @@ def _gated_rms_norm_bwd(
         tl.store(dzb_ptr + cols * tl.num_programs(0) + pid, tl.sum(dz, axis=0), mask=cols < N)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) as (M, N) with unit column stride, a view where the strides allow."""
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    try:
-        return t.view(-1, t.size(-1))
-    except RuntimeError:  # leading axes that do not merge
-        return t.reshape(-1, t.size(-1))
-
-
 class GatedRMSNorm(torch.autograd.Function):
     """y = RMSNorm(x * silu(z + z_bias)) * weight over the last axis (module docstring);
     `z_bias` may be None. `dz_into` (optional, called in backward) gives the tensor to
@@ -109,7 +101,7 @@ class GatedRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, weight, eps: float, z_bias=None, dz_into=None):
         shape = x.shape
-        x2, z2 = _rows(x), _rows(z)
+        x2, z2 = as_rows(x), as_rows(z)
         M, N = x2.shape
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
@@ -126,11 +118,11 @@ class GatedRMSNorm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2, z2, z_bias, weight, rstd = ctx.saved_tensors
         x_shape, z_shape = ctx.shapes
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         M, N = x2.shape
         programs = triton.cdiv(M, ROWS)
         dx = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-        dz = _rows(gradient_buffer(ctx.dz_into, z2))
+        dz = as_rows(gradient_buffer(ctx.dz_into, z2))
         # per-program sums of the weight's and z_bias's gradients: one reduction for both
         partials = torch.empty(
             (1 if z_bias is None else 2, N, programs), device=x2.device, dtype=torch.float32

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from models.triton_dropout import check_elements, dropout_seed
-from models.triton_vectors import optional_vector
+from models.triton_vectors import as_rows, optional_vector
 
 QUARTER_ELEMENTS = 2048  # rows x BLOCK_N of each of a program's four row blocks
 
@@ -191,12 +191,6 @@ def _dropout_add_layer_norm_bwd(
         tl.store(dxb_ptr + cols * tiles + pid, dxb + dxb1 + dxb2 + dxb3, mask=cols < N)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (M, N) with unit stride along N (a view where the layout allows)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _blocks(n: int) -> tuple[int, int]:
     """Rows per row block (a program has four) and the padded row length."""
     block_n = triton.next_power_of_2(n)
@@ -211,8 +205,8 @@ class DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps: float, p: float, x_bias=None):
         shape, N = x.shape, x.shape[-1]
-        x2 = _rows(x)  # (M, N)
-        res2 = None if residual is None else _rows(residual)
+        x2 = as_rows(x)  # (M, N)
+        res2 = None if residual is None else as_rows(residual)
         M = x2.shape[0]
         check_elements(M * N, "dropout_add_layer_norm")
         if residual is not None and res2.shape != x2.shape:
@@ -244,7 +238,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         x2, res2, x_bias, weight, mean, rstd, seed = ctx.saved_tensors
         bias_dtype, res_dtype = ctx.dtypes
         M, N = x2.shape
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         dx = torch.empty_like(x2)
         store_dres = res2 is not None and ctx.needs_input_grad[1]
         dres = torch.empty((M, N), device=x2.device, dtype=res_dtype) if store_dres else None

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_vectors import as_rows
+
 MAX_K = 256  # the widest reduction a dX program holds whole
 
 
@@ -66,12 +68,6 @@ def _product_dx(
         acc += tl.dot(dy, w, input_precision="tf32x3")
     mask = (rows < M)[:, None] & (ks < K)[None, :]
     tl.store(dx_ptr + r64 * s_dxm + ks[None, :], acc, mask=mask)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (M, C) with unit stride along C (a view where the layout allows)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _block_k(k: int) -> int:
@@ -139,7 +135,7 @@ class TritonProduct(torch.autograd.Function):
         if x.dtype != torch.float32 or weight.dtype != torch.float32:
             raise ValueError(f"Triton products take float32, got {x.dtype} and {weight.dtype}")
         _block_k(x.shape[-1])
-        x2, w = _rows(x), weight.contiguous()
+        x2, w = as_rows(x), weight.contiguous()
         ctx.save_for_backward(x2, w)
         ctx.shape = x.shape
         return product_fwd(x2, w).view(*x.shape[:-1], w.shape[0])
@@ -147,7 +143,7 @@ class TritonProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, w = ctx.saved_tensors
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         dx = dweight = None
         if ctx.needs_input_grad[0]:
             dx = product_dx(dy2, w).view(ctx.shape)

@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import run_in_triton_interpreter
+from conftest import relative_error, run_in_triton_interpreter
 
 from ssd import causal_conv1d_hardswish_reference
 
@@ -97,16 +97,11 @@ def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.flo
     grad = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
     grads_ref = torch.autograd.grad(y_ref, ref, grad)
     grads = torch.autograd.grad(y, fast, grad.to(device=device, dtype=dtype))
-    errors = {"y": _relative_error(y, y_ref.detach())}
+    errors = {"y": relative_error(y, y_ref.detach())}
     for name, g, g_ref in zip(("dx", "dweight", "dbias", "dx_bias"), grads, grads_ref):
         assert g.shape == g_ref.shape, name
-        errors[name] = _relative_error(g, g_ref)
+        errors[name] = relative_error(g, g_ref)
     return errors
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got = got.detach().cpu().double()
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_in_triton_interpreter
+from conftest import relative_error, run_in_triton_interpreter
 
 from models import selective_scan as ss
 
@@ -37,10 +37,6 @@ def _inputs(gen: torch.Generator, batch: int, channels: int, state: int, length:
     }
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
 def check_against_reference(device: str, shape: tuple[int, int, int, int], seed: int) -> dict:
     """Max relative error of the Triton scan (float32) vs the float64 loop, per output."""
     gen = torch.Generator().manual_seed(seed)
@@ -53,9 +49,9 @@ def check_against_reference(device: str, shape: tuple[int, int, int, int], seed:
     grad = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
     grads_ref = torch.autograd.grad(y_ref, [ref[n] for n in NAMES], grad)
     grads = torch.autograd.grad(y, [fast[n] for n in NAMES], grad.float().to(device))
-    errors = {"y": _relative_error(y.cpu(), y_ref.detach())}
+    errors = {"y": relative_error(y.cpu(), y_ref.detach())}
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
-        errors[f"d{name}"] = _relative_error(g.cpu(), g_ref)
+        errors[f"d{name}"] = relative_error(g.cpu(), g_ref)
     return errors
 
 
