@@ -442,21 +442,17 @@ class TiSSDBlock(nn.Module):
         # add in_proj's bias to the columns they read, and sum its gradient as they write
         # theirs: no reduction over in_proj's whole output gradient. They also write their
         # inputs' gradients into the columns of one gradient of in_proj's output: no
-        # concatenation of the three blocks' gradients.
-        fold = self.ssd_kernel == "fused" and fuses_bias(self.backend, u.device)
-        if fold:
-            zxbcdt = product(u, self.in_proj.weight, self.product_kernel)
-        else:
-            zxbcdt = self.in_proj(u)
-        # (B, L, d_in), (B, L, d_in + 2N), (B, L, H)
+        # concatenation of the three blocks' gradients. z, xBC, dt: (B, L, d_in),
+        # (B, L, d_in + 2N), (B, L, H).
         z_bias = xBC_bias = dz_into = dxBC_into = None
-        if fold:
+        if self.ssd_kernel == "fused" and fuses_bias(self.backend, u.device):
+            zxbcdt = product(u, self.in_proj.weight, self.product_kernel)
             (z, xBC, dt), gradient = split_columns(zxbcdt, widths)
             dz_into, dxBC_into = partial(gradient.block, 0), partial(gradient.block, 1)
             z_bias, xBC_bias, dt_proj_bias = torch.split(self.in_proj.bias, widths)
             dt = dt + dt_proj_bias
         else:
-            z, xBC, dt = torch.split(zxbcdt, widths, dim=-1)
+            z, xBC, dt = torch.split(self.in_proj(u), widths, dim=-1)
         xBC = self.conv1d(xBC, self.backend, xBC_bias, dxBC_into)  # (B, L, d_in + 2N)
 
         theta = None

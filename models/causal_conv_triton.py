@@ -172,15 +172,12 @@ def launch(kernel: str, batch: int, length: int, channels: int) -> tuple[tuple, 
     """(grid, launch options) of `kernel` from LAUNCH_OPTIONS: BLOCK_C shrinks to the
     channels (a power of two) when there are fewer (the time path's 4)."""
     tiles = LAUNCH_OPTIONS["_causal_conv_bwd_g" if kernel == "_causal_conv_bwd_dx" else kernel]
-    options = {**tiles, **LAUNCH_OPTIONS[kernel]}
-    options["BLOCK_C"] = min(tiles["BLOCK_C"], triton.next_power_of_2(channels))
-    options["BLOCK_L"] = tiles["BLOCK_L"]
-    grid = (
-        batch,
-        triton.cdiv(length, options["BLOCK_L"]),
-        triton.cdiv(channels, options["BLOCK_C"]),
+    block_l = tiles["BLOCK_L"]
+    block_c = min(tiles["BLOCK_C"], triton.next_power_of_2(channels))
+    grid = (batch, triton.cdiv(length, block_l), triton.cdiv(channels, block_c))
+    return grid, dict(
+        BLOCK_L=block_l, BLOCK_C=block_c, num_warps=LAUNCH_OPTIONS[kernel]["num_warps"]
     )
-    return grid, options
 
 
 class CausalConvHardswish(torch.autograd.Function):

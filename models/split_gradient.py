@@ -25,6 +25,7 @@ class SharedGradient:
         if sum(widths) != like.shape[-1]:
             raise ValueError(f"widths {widths} do not add up to the last axis {like.shape[-1]}")
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+        self.widths = list(widths)
         starts = [sum(widths[:i]) for i in range(len(widths))]
         self.columns = [(start, start + width) for start, width in zip(starts, widths)]
         self.tensor: torch.Tensor | None = None
@@ -65,8 +66,7 @@ class _SplitColumns(torch.autograd.Function):
     def forward(ctx, t: torch.Tensor, gradient: SharedGradient):
         ctx.gradient = gradient
         ctx.set_materialize_grads(False)  # an unused block's gradient arrives as None
-        widths = [stop - start for start, stop in gradient.columns]
-        return tuple(t.split(widths, dim=-1))
+        return tuple(t.split(gradient.widths, dim=-1))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
