@@ -78,7 +78,8 @@ class _SplitColumns(torch.autograd.Function):
                 view.zero_()
             elif not _written_in_place(grad, view):
                 view.copy_(grad)
-        gradient.tensor = None  # a second backward (retain_graph) starts afresh
+        # autograd owns `full` now; a second backward (retain_graph) must not write into it
+        gradient.tensor = None
         return full, None
 
 

@@ -94,13 +94,18 @@ def test_widths_must_cover_the_last_axis():
         SharedGradient(torch.zeros(2, 5), [2, 2])
 
 
-def test_backward_twice_with_retained_graph_gives_the_same_gradient():
+def test_a_second_backward_does_not_overwrite_the_first_gradient():
+    """With the graph retained, a second backward writes a new gradient tensor: the one the
+    first pass handed out (here straight to the caller) keeps its values."""
     leaf = torch.randn(2, 3, sum(WIDTHS), requires_grad=True)
-    (a, b, c), gradient = split_columns(leaf * 2, WIDTHS)
+    (a, b, c), gradient = split_columns(leaf, WIDTHS)
     loss = DoubleInto.apply(a, lambda: gradient.block(0)).sum() + (b * c[..., :1]).sum()
     (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    kept = first.clone()
+    loss = DoubleInto.apply(a, lambda: gradient.block(0)).sum() * 3 + (b * c[..., :1]).sum()
     (second,) = torch.autograd.grad(loss, leaf)
-    assert torch.equal(first, second)
+    assert torch.equal(first, kept)
+    assert not torch.equal(second, first)  # the second loss has another gradient
 
 
 def fused_block_gradients(device: str, seed: int = 0, dtype=torch.float32) -> dict:
