@@ -322,8 +322,10 @@ def causal_conv1d_hardswish(
     """(B, L, C) -> (B, L, C): one fused Triton kernel each way on the Triton backend
     (models/causal_conv_triton.py), nn.functional otherwise. `x_bias`: the bias of the
     product x comes from, added (and its gradient summed) by the kernels; `dx_into`:
-    where the backward kernel writes x's gradient (models/split_gradient.py)."""
-    if resolve_backend(backend, x.device) == "triton":
+    where the backward kernel writes x's gradient (models/split_gradient.py). Kernels
+    wider than 4 (the Triton kernels' limit) run on nn.functional on every backend."""
+    # 4: models/causal_conv_triton.TAPS
+    if resolve_backend(backend, x.device) == "triton" and weight.shape[-1] <= 4:
         from models.causal_conv_triton import CausalConvHardswish
 
         return CausalConvHardswish.apply(x, weight, bias, x_bias, dx_into)

@@ -21,7 +21,7 @@ from benchmarks.sm90 import (
     F32,
     compile_for_sm90,
     conv_kernel_args,
-    conv_launch_options,
+    conv_launch,
     ptxas_resources,
     ssd_kernel_args,
 )
@@ -38,7 +38,7 @@ def kernel_rows(sweep: bool, seq_len: int = 200) -> list[dict]:
             for name, args in ssd_kernel_args(seq_len, 32, 32, 32, 4, dtype).items()
         ]
         kernels += [  # xBC: 192 of in_proj's 324 columns
-            (causal_conv_triton, name, args, conv_launch_options(name))
+            (causal_conv_triton, name, args, conv_launch(name, seq_len, 192)[1])
             for name, args in conv_kernel_args(seq_len, 192, 324, dtype).items()
         ]
         for module, name, args, chosen in kernels:

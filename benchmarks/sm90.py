@@ -97,19 +97,14 @@ def ssd_kernel_args(L: int, Q: int, P: int, N: int, H: int, dtype: torch.Tensor)
     return {"_ssd_fwd": fwd, "_ssd_bwd_dstates": dstates, "_ssd_bwd_chunk": chunk}
 
 
-def conv_tiles(kernel: str, L: int, C: int) -> dict:
-    """BLOCK_L and BLOCK_C of a causal convolution kernel's launch at (L, C)."""
+def conv_launch(kernel: str, L: int, C: int) -> tuple[dict, dict]:
+    """(compile-time arguments, launch options) of a causal convolution kernel at (L, C),
+    as `models.causal_conv_triton.launch` gives them."""
     from models import causal_conv_triton as k
 
     options = k.launch(kernel, 1, L, C)[1]
-    return dict(BLOCK_L=options["BLOCK_L"], BLOCK_C=options["BLOCK_C"])
-
-
-def conv_launch_options(kernel: str) -> dict:
-    """The warps a causal convolution kernel launches with."""
-    from models import causal_conv_triton as k
-
-    return dict(num_warps=k.LAUNCH_OPTIONS[kernel]["num_warps"])
+    constexprs = {name: options.pop(name) for name in ("BLOCK_C", "UNROLL")}
+    return constexprs, options
 
 
 def conv_kernel_args(
@@ -118,21 +113,18 @@ def conv_kernel_args(
     """Arguments of models/causal_conv_triton.py's kernels: x a column slice of a wider
     projection (rows of `row_stride` elements) with that projection's bias (`x_bias`, as
     the block passes xBC), `dtype` for x, y and their gradients; tiles as the launch
-    uses them (`conv_launch_options` gives the warps)."""
-    common = dict(L=L, C=C, K=4, HAS_XBIAS=x_bias)
+    uses them (`conv_launch` gives the warps)."""
+    common = dict(L=L, C=C, rows=64, K=4, HAS_XBIAS=x_bias)
     x_strides = dict(s_x_b=L * row_stride, s_x_l=row_stride, s_x_c=1)
     xb = F32 if x_bias else None
     fwd = dict(
         x_ptr=dtype, w_ptr=F32, b_ptr=F32, xb_ptr=xb, y_ptr=dtype, s_y_b=L * C, s_y_l=C, s_y_c=1,
-        **x_strides, **common, **conv_tiles("_causal_conv_fwd", L, C),
+        **x_strides, **common, **conv_launch("_causal_conv_fwd", L, C)[0],
     )  # fmt: skip
-    bwd_g = dict(
-        x_ptr=dtype, w_ptr=F32, b_ptr=F32, xb_ptr=xb, dy_ptr=dtype, g_ptr=F32, dw_ptr=F32,
-        db_ptr=F32, s_dy_b=L * C, s_dy_l=C, s_dy_c=1, **x_strides, **common,
-        **conv_tiles("_causal_conv_bwd_g", L, C),
+    bwd = dict(
+        x_ptr=dtype, w_ptr=F32, b_ptr=F32, xb_ptr=xb, dy_ptr=dtype, dx_ptr=dtype,
+        partials_ptr=F32, s_dy_b=L * C, s_dy_l=C, s_dy_c=1, s_dx_b=L * row_stride,
+        s_dx_l=row_stride, s_dx_c=1, **x_strides, **common,
+        **conv_launch("_causal_conv_bwd", L, C)[0],
     )  # fmt: skip
-    bwd_dx = dict(
-        g_ptr=F32, w_ptr=F32, dx_ptr=dtype, dxb_ptr=xb, s_dx_b=L * C, s_dx_l=C, s_dx_c=1,
-        **common, **conv_tiles("_causal_conv_bwd_dx", L, C),
-    )  # fmt: skip
-    return {"_causal_conv_fwd": fwd, "_causal_conv_bwd_g": bwd_g, "_causal_conv_bwd_dx": bwd_dx}
+    return {"_causal_conv_fwd": fwd, "_causal_conv_bwd": bwd}

@@ -5,8 +5,8 @@ models/causal_conv_triton.py).
 GPU busy time (torch.profiler) of one layer's call at the ML-1M all-positions step's
 shape, forward and forward + backward, float32 and bfloat16 inputs; for the fused kernels
 also each scan kernel's registers and spills. `--sweep` times the fused scan kernels'
-launch options (warps, pipeline stages) and the convolution's (tile rows and channels,
-warps) to choose their defaults, with each convolution kernel's time. "time conv" is the
+launch options (warps, pipeline stages) and the convolution's (channels per program,
+rows per segment and per unrolled step, warps) to choose their defaults, with each convolution kernel's time. "time conv" is the
 time path's convolution: 4 channels of a (B, H, L) signal seen as (B, L, H).
 
     python -m benchmarks.ssd_kernels                     # 600 x 200, H = 4, P = N = Q = 32
@@ -183,17 +183,22 @@ def main(argv: list[str] | None = None) -> None:
             for name in ssd_triton.LAUNCH_OPTIONS
             for w, s in itertools.product((2, 4, 8), (1, 2))
         ]
-        # the convolution's three kernels at one tile geometry and warp count together;
-        # the profile times each kernel, so each can take its best
-        conv_grid = {  # the time path has 4 channels: its tiles are 4 wide whatever BLOCK_C
-            "conv": itertools.product((16, 32, 64), (32, 64), (4, 8)),
-            "time conv": itertools.product((16, 32, 64), (64,), (2, 4)),
+        # both convolution kernels at one geometry (channels per program, rows per
+        # segment, rows per unrolled step, warps); the profile times each kernel, so each
+        # can take its best. The time path has 4 channels: 4 per program whatever BLOCK_C.
+        conv_grid = {
+            "conv": [
+                (c, s, u, w)
+                for c, s, u, w in itertools.product((32, 64, 128), (32, 64), (4, 8), (1, 2))
+                if c >= 32 * w
+            ],
+            "time conv": itertools.product((64,), (16, 32, 64, 256), (4, 8), (1,)),
         }
         variants += [
-            (op, "fused", {name: dict(BLOCK_L=rows, BLOCK_C=cols, num_warps=w)
+            (op, "fused", {name: dict(BLOCK_C=c, SEGMENT=s, UNROLL=u, num_warps=w)
                            for name in causal_conv_triton.LAUNCH_OPTIONS})
             for op, grid in conv_grid.items()
-            for rows, cols, w in grid
+            for c, s, u, w in grid
         ]  # fmt: skip
     ops = {op.strip() for op in args.ops.split(",")}
     variants = [v for v in variants if v[0] in ops]

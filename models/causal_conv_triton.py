@@ -6,13 +6,14 @@
 TiSSDBlock convolves xBC (B, L, C) and its time signal this way. Through nn.Conv1d each
 costs a transposed copy, the padded convolution, a slice and the activation forward, and
 as many kernels backward (PyTorch's depthwise kernels alone: ~1.9 ms of a 17 ms training
-step at the ML-1M shape on an H200, docs/performance_notes.md). Here: one kernel forward;
-backward one kernel for the activation's gradient g with the weight and bias partial sums
-(per block of rows, added up by PyTorch: deterministic), and one for the input gradient
-dx[l] = sum_k w[k] g[l + K - 1 - k]. The pre-activation is recomputed, not stored.
-Inputs in any strides (xBC is a column slice of in_proj's output); float32 arithmetic.
-x_bias (optional) is the bias of the product x comes from (in_proj's xBC columns), added
-here: its gradient, the column sum of dx, is summed per tile by the input-gradient kernel.
+step at the ML-1M shape on an H200, docs/performance_notes.md). Here one kernel each way,
+both walking the rows of a sequence segment with the previous K - 1 rows in registers.
+Backward recomputes the pre-activation, forms g = dy * hardswish'(pre) row by row and
+writes dx[l] = sum_k w[k] g[l + K - 1 - k] three rows behind, so g never goes to memory;
+the weight's and biases' gradients are summed per segment, then added up by PyTorch
+(deterministic). Inputs in any strides (xBC is a column slice of in_proj's output);
+float32 arithmetic. x_bias (optional) is the bias of the product x comes from (in_proj's
+xBC columns), added here: its gradient is the column sum of dx. Kernels up to TAPS wide.
 
 `ssd.causal_conv1d_hardswish` dispatches here on CUDA and to the nn.functional reference
 otherwise; tests/test_causal_conv.py compares the two (CUDA, and Triton's interpreter).
@@ -27,16 +28,18 @@ import triton.language as tl
 from models.split_gradient import gradient_buffer
 from models.triton_vectors import optional_vector
 
-# Tiles of (BLOCK_L rows, up to BLOCK_C channels) and warps per kernel. The two backward
-# kernels share one tile geometry (their per-tile partial sums go into one buffer), so
-# `_causal_conv_bwd_dx` takes BLOCK_L and BLOCK_C from `_causal_conv_bwd_g`'s entry.
-# `python -m benchmarks.ssd_kernels --sweep --ops conv` times the alternatives: 64 x 64
-# at 4 warps was the fastest of 12 for xBC on an H200, though ptxas reports spills at it
-# (docs/performance_notes.md, "Convolution launch options").
+TAPS = tl.constexpr(4)  # the widest kernel the Triton path takes (as mamba-ssm's causal_conv1d)
+
+# Each program walks the rows of one sequence segment (at most SEGMENT rows, segments of a
+# sequence balanced) for BLOCK_C channels, one row of channels at a time: the K - 1
+# previous rows stay in registers, so each input row is read once, and the backward
+# pass's weight and bias sums stay per thread until the segment ends. UNROLL rows per
+# loop step keep that many rows' loads in flight. Chosen by `python -m
+# benchmarks.ssd_kernels --sweep --ops "conv,time conv"` on an H200 (20 geometries for
+# xBC, 8 for the time path; docs/performance_notes.md, "Convolution along rows").
 LAUNCH_OPTIONS: dict[str, dict] = {
-    "_causal_conv_fwd": dict(BLOCK_L=64, BLOCK_C=64, num_warps=4),
-    "_causal_conv_bwd_g": dict(BLOCK_L=64, BLOCK_C=64, num_warps=4),
-    "_causal_conv_bwd_dx": dict(num_warps=4),
+    "_causal_conv_fwd": dict(BLOCK_C=128, SEGMENT=32, UNROLL=4, num_warps=2),
+    "_causal_conv_bwd": dict(BLOCK_C=64, SEGMENT=64, UNROLL=4, num_warps=1),
 }
 
 
@@ -51,150 +54,159 @@ def hardswish_grad(v):  # PyTorch's: 0 up to -3 (inclusive), v / 3 + 1/2 below 3
 
 
 @triton.jit
-def _shifted_input(
-    x_base, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c,
-    k: tl.constexpr, K: tl.constexpr, HAS_XBIAS: tl.constexpr,
-):  # fmt: skip
-    """x'[l - (K-1) + k] = x + x_bias for a tile, zero before the start, float32."""
-    src = offs_l - (K - 1) + k
-    valid = ((src >= 0) & (src < L))[:, None] & mask_c[None, :]
-    x = tl.load(x_base + src[:, None] * s_x_l + offs_c[None, :] * s_x_c, mask=valid, other=0.0)
-    x = x.to(tl.float32)
-    if HAS_XBIAS:
-        x = tl.where(valid, x + xb[None, :], 0.0)
-    return x
+def _tap(w_ptr, offs_c, mask_c, j: tl.constexpr, K: tl.constexpr):
+    """Weight j of TAPS for a K-wide kernel: the first TAPS - K are zero (a K-wide causal
+    kernel is a TAPS-wide one that ignores the oldest TAPS - K rows)."""
+    k = j - (TAPS - K)
+    return tl.load(w_ptr + offs_c * K + k, mask=mask_c & (k >= 0), other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _conv_tile(
-    x_base, w_ptr, b_ptr, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c,
-    K: tl.constexpr, HAS_XBIAS: tl.constexpr,
-):  # fmt: skip
-    """bias + sum_k w[:, k] x'[l - (K-1) + k] for a (BLOCK_L, BLOCK_C) tile, float32."""
-    acc = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    for k in tl.static_range(K):
-        x = _shifted_input(x_base, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, k, K, HAS_XBIAS)
-        w = tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0.0).to(tl.float32)
-        acc += x * w[None, :]
-    return acc
+def _row(base, row, L, s_l, offs_c, s_c, mask_c, xb, HAS_XBIAS: tl.constexpr):
+    """Row `row` of a (L, C) tensor at `base` for the tile's channels, float32, plus `xb`
+    when HAS_XBIAS; zero outside 0 <= row < L."""
+    valid = (row >= 0) & (row < L)
+    v = tl.load(base + row * s_l + offs_c * s_c, mask=mask_c & valid, other=0.0).to(tl.float32)
+    if HAS_XBIAS:
+        v = tl.where(valid, v + xb, 0.0)
+    return v
 
 
 @triton.jit
 def _causal_conv_fwd(
     x_ptr, w_ptr, b_ptr, xb_ptr, y_ptr,
-    L, C,
+    L, C, rows,
     s_x_b, s_x_l, s_x_c,
     s_y_b, s_y_l, s_y_c,
-    K: tl.constexpr, HAS_XBIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_XBIAS: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
+    """y = hardswish(conv) for rows [l0, l1) of one sequence."""
     b = tl.program_id(0).to(tl.int64)
-    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    l0 = tl.program_id(1) * rows
+    l1 = tl.minimum(l0 + rows, L)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     xb = optional_vector(xb_ptr, offs_c, mask_c, HAS_XBIAS)
-    pre = _conv_tile(
-        x_ptr + b * s_x_b, w_ptr, b_ptr, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K, HAS_XBIAS
-    )
-    out = y_ptr + b * s_y_b + offs_l[:, None] * s_y_l + offs_c[None, :] * s_y_c
-    tl.store(out, hardswish(pre), mask=(offs_l < L)[:, None] & mask_c[None, :])
+    w0, w1 = _tap(w_ptr, offs_c, mask_c, 0, K), _tap(w_ptr, offs_c, mask_c, 1, K)
+    w2, w3 = _tap(w_ptr, offs_c, mask_c, 2, K), _tap(w_ptr, offs_c, mask_c, 3, K)
+    bias = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    x_base, y_base = x_ptr + b * s_x_b, y_ptr + b * s_y_b
+    # x3, x2, x1, x0: rows l - 3 .. l
+    x3 = _row(x_base, l0 - 3, L, s_x_l, offs_c, s_x_c, mask_c, xb, HAS_XBIAS)
+    x2 = _row(x_base, l0 - 2, L, s_x_l, offs_c, s_x_c, mask_c, xb, HAS_XBIAS)
+    x1 = _row(x_base, l0 - 1, L, s_x_l, offs_c, s_x_c, mask_c, xb, HAS_XBIAS)
+    for start in range(l0, l1, UNROLL):
+        for i in tl.static_range(UNROLL):
+            row = start + i
+            x0 = _row(x_base, row, L, s_x_l, offs_c, s_x_c, mask_c, xb, HAS_XBIAS)
+            pre = bias + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
+            y = hardswish(pre).to(y_ptr.dtype.element_ty)
+            tl.store(y_base + row * s_y_l + offs_c * s_y_c, y, mask=mask_c & (row < l1))
+            x3, x2, x1 = x2, x1, x0
 
 
 @triton.jit
-def _causal_conv_bwd_g(
-    x_ptr, w_ptr, b_ptr, xb_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
-    L, C,
+def _causal_conv_bwd(
+    x_ptr, w_ptr, b_ptr, xb_ptr, dy_ptr, dx_ptr, partials_ptr,
+    L, C, rows,
     s_x_b, s_x_l, s_x_c,
     s_dy_b, s_dy_l, s_dy_c,
-    K: tl.constexpr, HAS_XBIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """g = dy * hardswish'(pre) (float32, (B, L, C) contiguous); this tile's sums of
-    g * x'[l - (K-1) + k] (dw partial, (K, C, n_tiles)) and of g (db partial, (C, n_tiles)),
-    transposed: PyTorch adds up rows much faster than columns."""
-    b = tl.program_id(0).to(tl.int64)
-    pid_l = tl.program_id(1)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    rows = (offs_l < L)[:, None] & mask_c[None, :]
-    x_base = x_ptr + b * s_x_b
-    xb = optional_vector(xb_ptr, offs_c, mask_c, HAS_XBIAS)
-    pre = _conv_tile(
-        x_base, w_ptr, b_ptr, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, K, HAS_XBIAS
-    )
-    dy = tl.load(
-        dy_ptr + b * s_dy_b + offs_l[:, None] * s_dy_l + offs_c[None, :] * s_dy_c,
-        mask=rows,
-        other=0.0,
-    ).to(tl.float32)
-    g = tl.where(rows, dy * hardswish_grad(pre), 0.0)
-    tl.store(g_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :], g, mask=rows)
-    tile = b * tl.num_programs(1) + pid_l
-    tiles = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(db_ptr + offs_c * tiles + tile, tl.sum(g, axis=0), mask=mask_c)
-    for k in tl.static_range(K):
-        x = _shifted_input(x_base, xb, offs_l, offs_c, mask_c, L, s_x_l, s_x_c, k, K, HAS_XBIAS)
-        tl.store(dw_ptr + (k * C + offs_c) * tiles + tile, tl.sum(g * x, axis=0), mask=mask_c)
-
-
-@triton.jit
-def _causal_conv_bwd_dx(
-    g_ptr, w_ptr, dx_ptr, dxb_ptr,
-    L, C,
     s_dx_b, s_dx_l, s_dx_c,
-    K: tl.constexpr, HAS_XBIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_XBIAS: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
-    """dx[l] = sum_k w[:, k] g[l + K - 1 - k] (the convolution's transpose); with x_bias,
-    this tile's sum of dx (x_bias's gradient partial, (C, n_tiles), transposed)."""
+    """For rows [l0, l1) of one sequence: g = dy * hardswish'(pre) (pre recomputed), then
+    dx[m] = sum_j w_j g[m + 3 - j], which needs g three rows past l1 (recomputed here too,
+    not summed); the segment's sums of g x[l - 3 + j] (the weight's gradient), of g (the
+    bias's) and of dx (x_bias's) go to `partials` (K + 1 + HAS_XBIAS, C, segments),
+    added up by PyTorch: deterministic."""
     b = tl.program_id(0).to(tl.int64)
-    pid_l = tl.program_id(1)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    l0 = tl.program_id(1) * rows
+    l1 = tl.minimum(l0 + rows, L)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(K):
-        dst = offs_l + (K - 1) - k
-        valid = (dst < L)[:, None] & mask_c[None, :]
-        g = tl.load(g_ptr + (b * L + dst[:, None]) * C + offs_c[None, :], mask=valid, other=0.0)
-        w = tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0.0).to(tl.float32)
-        acc += g * w[None, :]
-    out = dx_ptr + b * s_dx_b + offs_l[:, None] * s_dx_l + offs_c[None, :] * s_dx_c
-    tl.store(out, acc, mask=(offs_l < L)[:, None] & mask_c[None, :])
-    if HAS_XBIAS:  # acc is zero past L (g loads as 0 there)
-        tiles = tl.num_programs(0) * tl.num_programs(1)
-        tl.store(
-            dxb_ptr + offs_c * tiles + b * tl.num_programs(1) + pid_l,
-            tl.sum(acc, axis=0),
-            mask=mask_c,
-        )
+    xb = optional_vector(xb_ptr, offs_c, mask_c, HAS_XBIAS)
+    w0, w1 = _tap(w_ptr, offs_c, mask_c, 0, K), _tap(w_ptr, offs_c, mask_c, 1, K)
+    w2, w3 = _tap(w_ptr, offs_c, mask_c, 2, K), _tap(w_ptr, offs_c, mask_c, 3, K)
+    bias = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    x_base, dy_base, dx_base = x_ptr + b * s_x_b, dy_ptr + b * s_dy_b, dx_ptr + b * s_dx_b
+    x3 = _row(x_base, l0 - 3, L, s_x_l, offs_c, s_x_c, mask_c, xb, HAS_XBIAS)
+    x2 = _row(x_base, l0 - 2, L, s_x_l, offs_c, s_x_c, mask_c, xb, HAS_XBIAS)
+    x1 = _row(x_base, l0 - 1, L, s_x_l, offs_c, s_x_c, mask_c, xb, HAS_XBIAS)
+    zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    g1, g2, g3 = zero, zero, zero  # g at l - 1 .. l - 3 (before l0: only feeds dx < l0)
+    dw0, dw1, dw2, dw3, dbias, dxbias = zero, zero, zero, zero, zero, zero
+    for start in range(l0, l1 + 3, UNROLL):
+        for i in tl.static_range(UNROLL):
+            row = start + i
+            x0 = _row(x_base, row, L, s_x_l, offs_c, s_x_c, mask_c, xb, HAS_XBIAS)
+            dy = _row(dy_base, row, L, s_dy_l, offs_c, s_dy_c, mask_c, xb, False)
+            g0 = dy * hardswish_grad(bias + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0)
+            own = row < l1  # rows past l1 belong to the next segment's sums
+            dbias += tl.where(own, g0, 0.0)
+            dw0 += tl.where(own, g0 * x3, 0.0)
+            dw1 += tl.where(own, g0 * x2, 0.0)
+            dw2 += tl.where(own, g0 * x1, 0.0)
+            dw3 += tl.where(own, g0 * x0, 0.0)
+            m = row - 3
+            emit = (m >= l0) & (m < l1)
+            dx = w0 * g0 + w1 * g1 + w2 * g2 + w3 * g3
+            tl.store(
+                dx_base + m * s_dx_l + offs_c * s_dx_c,
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask_c & emit,
+            )
+            if HAS_XBIAS:
+                dxbias += tl.where(emit, dx, 0.0)
+            x3, x2, x1 = x2, x1, x0
+            g3, g2, g1 = g2, g1, g0
+    segments = tl.num_programs(0) * tl.num_programs(1)
+    out = partials_ptr + offs_c * segments + b * tl.num_programs(1) + tl.program_id(1)
+    step = C * segments  # one (C, segments) plane per sum: dw rows 0..K-1, db, dx_bias
+    if K >= 4:
+        tl.store(out + (K - 4) * step, dw0, mask=mask_c)
+    if K >= 3:
+        tl.store(out + (K - 3) * step, dw1, mask=mask_c)
+    if K >= 2:
+        tl.store(out + (K - 2) * step, dw2, mask=mask_c)
+    tl.store(out + (K - 1) * step, dw3, mask=mask_c)
+    tl.store(out + K * step, dbias, mask=mask_c)
+    if HAS_XBIAS:
+        tl.store(out + (K + 1) * step, dxbias, mask=mask_c)
 
 
-def launch(kernel: str, batch: int, length: int, channels: int) -> tuple[tuple, dict]:
-    """(grid, launch options) of `kernel` from LAUNCH_OPTIONS: BLOCK_C shrinks to the
-    channels (a power of two) when there are fewer (the time path's 4)."""
-    tiles = LAUNCH_OPTIONS["_causal_conv_bwd_g" if kernel == "_causal_conv_bwd_dx" else kernel]
-    block_l = tiles["BLOCK_L"]
-    block_c = min(tiles["BLOCK_C"], triton.next_power_of_2(channels))
-    grid = (batch, triton.cdiv(length, block_l), triton.cdiv(channels, block_c))
-    return grid, dict(
-        BLOCK_L=block_l, BLOCK_C=block_c, num_warps=LAUNCH_OPTIONS[kernel]["num_warps"]
-    )
+def launch(kernel: str, batch: int, length: int, channels: int) -> tuple[tuple, dict, int]:
+    """(grid, launch options, rows per program) of `kernel` from LAUNCH_OPTIONS: segments
+    of at most SEGMENT rows, balanced; BLOCK_C shrinks to the channels (a power of two)
+    when there are fewer (the time path's 4), and the warps to one per 32 channels."""
+    options = dict(LAUNCH_OPTIONS[kernel])
+    segments = triton.cdiv(length, options.pop("SEGMENT"))
+    rows = triton.cdiv(length, segments)
+    options["BLOCK_C"] = min(options["BLOCK_C"], triton.next_power_of_2(channels))
+    options["num_warps"] = max(1, min(options["num_warps"], options["BLOCK_C"] // 32))
+    grid = (batch, triton.cdiv(length, rows), triton.cdiv(channels, options["BLOCK_C"]))
+    return grid, options, rows
 
 
 class CausalConvHardswish(torch.autograd.Function):
-    """hardswish(causal depthwise conv of x + x_bias (B, L, C) along L), weight (C, 1, K),
-    bias (C,); `x_bias` (C,) may be None. `dx_into` (optional, called in backward) gives
-    the tensor to write x's gradient into, e.g. a view into the gradient of the product x
-    is a slice of (models/split_gradient.py)."""
+    """hardswish(causal depthwise conv of x + x_bias (B, L, C) along L), weight (C, 1, K)
+    with K <= TAPS, bias (C,); `x_bias` (C,) may be None. `dx_into` (optional, called in
+    backward) gives the tensor to write x's gradient into, e.g. a view into the gradient
+    of the product x is a slice of (models/split_gradient.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_bias=None, dx_into=None) -> torch.Tensor:
         batch, length, channels = x.shape
         K = weight.shape[-1]
+        if K > TAPS.value:
+            raise ValueError(
+                f"the Triton causal convolution takes kernels of at most {TAPS.value} taps, got "
+                f"{K}: use causal_conv1d_hardswish, which falls back to nn.functional"
+            )
         weight, bias = weight.reshape(channels, K).contiguous(), bias.contiguous()
         y = torch.empty_like(x)  # x's memory order when it is dense, else contiguous
-        grid, options = launch("_causal_conv_fwd", batch, length, channels)
+        grid, options, rows = launch("_causal_conv_fwd", batch, length, channels)
         _causal_conv_fwd[grid](
-            x, weight, bias, x_bias, y, length, channels, *x.stride(), *y.stride(),
+            x, weight, bias, x_bias, y, length, channels, rows, *x.stride(), *y.stride(),
             K=K, HAS_XBIAS=x_bias is not None, **options,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, x_bias)
@@ -207,23 +219,16 @@ class CausalConvHardswish(torch.autograd.Function):
         batch, length, channels = x.shape
         K = weight.shape[-1]
         has_x_bias = x_bias is not None
-        grid, options_g = launch("_causal_conv_bwd_g", batch, length, channels)
-        _, options_dx = launch("_causal_conv_bwd_dx", batch, length, channels)
-        tiles = grid[0] * grid[1]
-        g = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
-        # per-tile sums of the weight's (K rows), the bias's and x_bias's gradients
+        grid, options, rows = launch("_causal_conv_bwd", batch, length, channels)
+        # per-segment sums of the weight's (K rows), the bias's and x_bias's gradients
         partials = torch.empty(
-            K + 1 + has_x_bias, channels, tiles, device=x.device, dtype=torch.float32
+            K + 1 + has_x_bias, channels, grid[0] * grid[1], device=x.device, dtype=torch.float32
         )
-        _causal_conv_bwd_g[grid](
-            x, weight, bias, x_bias, dy, g, partials[:K], partials[K],
-            length, channels, *x.stride(), *dy.stride(),
-            K=K, HAS_XBIAS=has_x_bias, **options_g,
-        )  # fmt: skip
         dx = gradient_buffer(ctx.dx_into, x)
-        _causal_conv_bwd_dx[grid](
-            g, weight, dx, partials[-1], length, channels, *dx.stride(),
-            K=K, HAS_XBIAS=has_x_bias, **options_dx,
+        _causal_conv_bwd[grid](
+            x, weight, bias, x_bias, dy, dx, partials, length, channels, rows,
+            *x.stride(), *dy.stride(), *dx.stride(),
+            K=K, HAS_XBIAS=has_x_bias, **options,
         )  # fmt: skip
         sums = partials.sum(-1)  # (K + 1 + has_x_bias, C)
         dx_bias = sums[K + 1] if has_x_bias else None

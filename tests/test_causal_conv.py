@@ -15,26 +15,26 @@ from conftest import relative_error, run_in_triton_interpreter
 
 from ssd import causal_conv1d_hardswish_reference
 
-# (batch, length, channels, kernel, layout): one tile; several row and channel tiles with
-# ragged ends; the time path's few channels; a longer kernel than the sequence; one row
-# past a backward row tile (its shifts reach into the next tile's rows) with a ragged
-# channel tile; fewer rows than K - 1, an odd kernel and channel count. Slices (xBC, a
-# slice of in_proj's output) come with in_proj's bias, x_bias, as in the block.
+# (batch, length, channels, kernel, layout): one segment; several segments and channel
+# tiles with ragged ends; the time path's few channels; fewer rows than K - 1; a segment
+# one row longer than the unrolled step, with a ragged channel tile; a 3-wide kernel, an
+# odd channel count; a 2-wide kernel, rows fewer than the kernel. Slices (xBC, a slice of
+# in_proj's output) come with in_proj's bias, x_bias, as in the block.
 CASES = [
     (2, 7, 5, 4, "slice"),
     (3, 70, 130, 4, "slice"),
     (2, 50, 4, 4, "transposed"),
     (2, 3, 8, 4, "contiguous"),
     (2, 33, 96, 4, "slice"),
-    (2, 2, 3, 5, "transposed"),
+    (2, 9, 3, 3, "transposed"),
+    (3, 1, 6, 2, "slice"),
 ]
 
-# Launch geometries besides the shipped one: forward and backward tiles unlike each other
-# and the shipped ones (ragged row tiles at every case's length).
+# Launch geometries besides the shipped one: forward and backward unlike each other and
+# the shipped ones (segments of 5 and 16 rows: ragged unrolled steps at every length).
 OTHER_LAUNCH_OPTIONS = {
-    "_causal_conv_fwd": dict(BLOCK_L=32, BLOCK_C=32, num_warps=2),
-    "_causal_conv_bwd_g": dict(BLOCK_L=16, BLOCK_C=64, num_warps=8),
-    "_causal_conv_bwd_dx": dict(num_warps=2),
+    "_causal_conv_fwd": dict(BLOCK_C=32, SEGMENT=5, UNROLL=2, num_warps=1),
+    "_causal_conv_bwd": dict(BLOCK_C=128, SEGMENT=16, UNROLL=8, num_warps=2),
 }
 
 
@@ -118,6 +118,20 @@ def test_fused_causal_conv_matches_reference_on_gpu(case, options):
 def test_fused_causal_conv_in_bf16_rounds_only_its_output():
     errors = check_against_reference("cuda", CASES[1], seed=3, dtype=torch.bfloat16)
     assert max(errors.values()) < 1e-2, errors  # bf16 output and dx, float32 arithmetic
+
+
+@pytest.mark.gpu
+def test_wider_kernels_than_the_triton_path_takes_run_on_nn_functional_on_gpu():
+    from models.causal_conv_triton import TAPS, CausalConvHardswish
+    from ssd import causal_conv1d_hardswish
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 6, generator=gen).cuda()
+    weight, bias = torch.randn(6, 1, TAPS.value + 1).cuda(), torch.randn(6).cuda()
+    with pytest.raises(ValueError, match="at most 4 taps"):
+        CausalConvHardswish.apply(x, weight, bias)
+    y = causal_conv1d_hardswish(x, weight, bias, backend="triton")
+    assert torch.equal(y, causal_conv1d_hardswish_reference(x, weight, bias))
 
 
 def test_fused_causal_conv_in_interpreter():

@@ -19,7 +19,7 @@ from benchmarks.sm90 import (  # noqa: E402
     I64,
     compile_for_sm90,
     conv_kernel_args,
-    conv_launch_options,
+    conv_launch,
     ssd_kernel_args,
 )
 
@@ -69,7 +69,7 @@ def test_causal_conv_kernels_compile(dtype, x_bias):
     from models import causal_conv_triton as k
 
     for name, args in conv_kernel_args(200, 320, 324, dtype, x_bias).items():
-        compile_for_sm90(getattr(k, name), options=conv_launch_options(name), **args)
+        compile_for_sm90(getattr(k, name), options=conv_launch(name, 200, 320)[1], **args)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
