@@ -159,7 +159,7 @@ def _causal_conv_bwd(
                 dxbias += tl.where(emit, dx, 0.0)
             x3, x2, x1 = x2, x1, x0
             g3, g2, g1 = g2, g1, g0
-    segments = tl.num_programs(0) * tl.num_programs(1)
+    segments = tl.num_programs(0).to(tl.int64) * tl.num_programs(1)  # int64: C x B x ...
     out = partials_ptr + offs_c * segments + b * tl.num_programs(1) + tl.program_id(1)
     step = C * segments  # one (C, segments) plane per sum: dw rows 0..K-1, db, dx_bias
     if K >= 4:
