@@ -29,7 +29,12 @@ import triton.language as tl
 from models.split_gradient import gradient_buffer
 from models.triton_vectors import as_rows
 
-ROWS = 32  # rows per program
+# Rows per program and warps, per kernel. `python -m benchmarks.norm_kernels --sweep`
+# times the alternatives.
+LAUNCH_OPTIONS: dict[str, dict] = {
+    "_gated_rms_norm_fwd": dict(ROWS=32, num_warps=4),
+    "_gated_rms_norm_bwd": dict(ROWS=32, num_warps=4),
+}
 
 
 @triton.jit
@@ -106,9 +111,10 @@ class GatedRMSNorm(torch.autograd.Function):
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
         block_n = triton.next_power_of_2(N)
-        _gated_rms_norm_fwd[(triton.cdiv(M, ROWS),)](
+        options = LAUNCH_OPTIONS["_gated_rms_norm_fwd"]
+        _gated_rms_norm_fwd[(triton.cdiv(M, options["ROWS"]),)](
             x2, z2, z_bias, weight, y, rstd, M, N, x2.stride(0), z2.stride(0), y.stride(0), eps,
-            HAS_ZBIAS=z_bias is not None, ROWS=ROWS, BLOCK_N=block_n, num_warps=4,
+            HAS_ZBIAS=z_bias is not None, BLOCK_N=block_n, **options,
         )  # fmt: skip
         ctx.save_for_backward(x2, z2, z_bias, weight, rstd)
         ctx.shapes, ctx.dz_into = (shape, z.shape), dz_into
@@ -120,7 +126,8 @@ class GatedRMSNorm(torch.autograd.Function):
         x_shape, z_shape = ctx.shapes
         dy2 = as_rows(dy)
         M, N = x2.shape
-        programs = triton.cdiv(M, ROWS)
+        options = LAUNCH_OPTIONS["_gated_rms_norm_bwd"]
+        programs = triton.cdiv(M, options["ROWS"])
         dx = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
         dz = as_rows(gradient_buffer(ctx.dz_into, z2))
         # per-program sums of the weight's and z_bias's gradients: one reduction for both
@@ -130,8 +137,7 @@ class GatedRMSNorm(torch.autograd.Function):
         _gated_rms_norm_bwd[(programs,)](
             x2, z2, z_bias, weight, dy2, rstd, dx, dz, partials[0], partials[-1],
             M, N, x2.stride(0), z2.stride(0), dy2.stride(0), dx.stride(0), dz.stride(0),
-            HAS_ZBIAS=z_bias is not None, ROWS=ROWS, BLOCK_N=triton.next_power_of_2(N),
-            num_warps=4,
+            HAS_ZBIAS=z_bias is not None, BLOCK_N=triton.next_power_of_2(N), **options,
         )  # fmt: skip
         sums = partials.sum(-1)
         dz_bias = None if z_bias is None else sums[1].to(z_bias.dtype)

@@ -35,7 +35,14 @@ import triton.language as tl
 from models.triton_dropout import check_elements, dropout_seed
 from models.triton_vectors import as_rows, optional_vector
 
-QUARTER_ELEMENTS = 2048  # rows x BLOCK_N of each of a program's four row blocks
+QUARTER_ELEMENTS = 2048  # rows x BLOCK_N of each of a program's four row blocks; the
+# dropout draws are numbered by it, so forward and backward share it
+
+# Warps per kernel. `python -m benchmarks.norm_kernels --sweep` times the alternatives.
+LAUNCH_OPTIONS: dict[str, dict] = {
+    "_dropout_add_layer_norm_fwd": dict(num_warps=4),
+    "_dropout_add_layer_norm_bwd": dict(num_warps=4),
+}
 
 
 @triton.jit
@@ -226,10 +233,10 @@ class DropoutAddLayerNorm(torch.autograd.Function):
             x2, res2, x_bias, weight, bias, y, mean, rstd, seed,
             M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0), eps, p,
             HAS_RES=res2 is not None, HAS_XBIAS=x_bias is not None, HAS_DROPOUT=p > 0,
-            QROWS=qrows, BLOCK_N=block_n, num_warps=4,
+            QROWS=qrows, BLOCK_N=block_n, **LAUNCH_OPTIONS["_dropout_add_layer_norm_fwd"],
         )  # fmt: skip
         ctx.save_for_backward(x2, res2, x_bias, weight, mean, rstd, seed)
-        ctx.shape, ctx.p = shape, p
+        ctx.shape, ctx.p, ctx.qrows = shape, p, qrows
         ctx.dtypes = (bias.dtype, None if residual is None else residual.dtype)
         return y.view(shape)
 
@@ -242,7 +249,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
         dx = torch.empty_like(x2)
         store_dres = res2 is not None and ctx.needs_input_grad[1]
         dres = torch.empty((M, N), device=x2.device, dtype=res_dtype) if store_dres else None
-        qrows, block_n = _blocks(N)
+        qrows, block_n = ctx.qrows, _blocks(N)[1]  # the forward's rows: its dropout draws
         tiles = triton.cdiv(M, 4 * qrows)
         # per-program sums of the weight, bias and x_bias gradients: one reduction for all
         partials = torch.empty(
@@ -254,7 +261,8 @@ class DropoutAddLayerNorm(torch.autograd.Function):
             M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), dy2.stride(0),
             dx.stride(0), dres.stride(0) if store_dres else 0, ctx.p,
             HAS_RES=res2 is not None, STORE_DRES=store_dres, HAS_XBIAS=x_bias is not None,
-            HAS_DROPOUT=ctx.p > 0, QROWS=qrows, BLOCK_N=block_n, num_warps=4,
+            HAS_DROPOUT=ctx.p > 0, QROWS=qrows, BLOCK_N=block_n,
+            **LAUNCH_OPTIONS["_dropout_add_layer_norm_bwd"],
         )  # fmt: skip
         sums = partials.sum(-1)  # (2 or 3, N)
         dweight = sums[0].to(weight.dtype)

@@ -382,3 +382,40 @@ def test_linear_products_are_the_blocks_products():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             main([])
+
+
+def test_norm_kernels_sweep_leaves_the_shipped_options():
+    """benchmarks.norm_kernels: each swept option set applies inside its context and the
+    shipped options come back; without CUDA one clear message. The timed calls run in
+    Triton's interpreter (forward, then gradients twice)."""
+    pytest.importorskip("triton")
+    from conftest import run_in_triton_interpreter
+
+    from benchmarks.norm_kernels import NORMS, launch_options, main, sweep_options
+
+    for module, _ in NORMS.values():
+        shipped = {name: dict(o) for name, o in module.LAUNCH_OPTIONS.items()}
+        quarter = getattr(module, "QUARTER_ELEMENTS", None)
+        for norm, options in sweep_options():
+            if NORMS[norm][0] is not module:
+                continue
+            expected = dict(options)
+            with launch_options(module, options):
+                if "QUARTER_ELEMENTS" in expected:
+                    assert module.QUARTER_ELEMENTS == expected.pop("QUARTER_ELEMENTS")
+                assert all(module.LAUNCH_OPTIONS[n] == v for n, v in expected.items())
+        assert module.LAUNCH_OPTIONS == shipped
+        assert getattr(module, "QUARTER_ELEMENTS", None) == quarter
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            main([])
+    run_in_triton_interpreter(
+        "import torch\n"
+        "from benchmarks.norm_kernels import gated_norm_calls, layer_norm_calls\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for calls in (layer_norm_calls, gated_norm_calls):\n"
+        "        forward, forward_backward = calls(37, dtype, device='cpu')\n"
+        "        assert forward().shape[0] == 37\n"
+        "        forward_backward(); forward_backward()\n"
+        "print('ok')\n"
+    )

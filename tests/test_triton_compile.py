@@ -35,16 +35,17 @@ def test_layer_norm_kernels_compile(residual, dropout, x_bias, dtype):
     seed = I64 if dropout else None
     xb = F32 if x_bias else None
     common = dict(M=1000, N=64, s_x=64, s_res=64, p=0.1, HAS_RES=residual, HAS_DROPOUT=dropout)
-    common.update(QROWS=32, BLOCK_N=64, HAS_XBIAS=x_bias, xb_ptr=xb)
+    common.update(QROWS=k.QUARTER_ELEMENTS // 64, BLOCK_N=64, HAS_XBIAS=x_bias, xb_ptr=xb)
     compile_for_sm90(
         k._dropout_add_layer_norm_fwd, x_ptr=dtype, res_ptr=res, w_ptr=F32, b_ptr=F32,
-        y_ptr=F32, mean_ptr=F32, rstd_ptr=F32, seed_ptr=seed, s_y=64, eps=1e-5, **common,
+        y_ptr=F32, mean_ptr=F32, rstd_ptr=F32, seed_ptr=seed, s_y=64, eps=1e-5,
+        options=k.LAUNCH_OPTIONS["_dropout_add_layer_norm_fwd"], **common,
     )  # fmt: skip
     compile_for_sm90(
         k._dropout_add_layer_norm_bwd, x_ptr=dtype, res_ptr=res, w_ptr=F32, dy_ptr=F32,
         dx_ptr=dtype, dres_ptr=res, dw_ptr=F32, db_ptr=F32, dxb_ptr=F32, mean_ptr=F32,
         rstd_ptr=F32, seed_ptr=seed, s_dy=64, s_dx=64, s_dres=64, STORE_DRES=residual,
-        **common,
+        options=k.LAUNCH_OPTIONS["_dropout_add_layer_norm_bwd"], **common,
     )  # fmt: skip
 
 
@@ -89,15 +90,21 @@ def test_fused_ssd_kernels_compile(dtype, shape):
 def test_gated_norm_kernels_compile(dtype, N, z_bias):
     from models import gated_norm_triton as k
 
-    common = dict(M=1000, N=N, s_x=N, s_z=324, ROWS=k.ROWS, BLOCK_N=triton.next_power_of_2(N))
+    common = dict(M=1000, N=N, s_x=N, s_z=324, BLOCK_N=triton.next_power_of_2(N))
     common.update(zb_ptr=F32 if z_bias else None, HAS_ZBIAS=z_bias)
+
+    def launch(name: str) -> dict:  # ROWS is a compile-time argument, warps an option
+        options = dict(k.LAUNCH_OPTIONS[name])
+        return dict(ROWS=options.pop("ROWS"), options=options)
+
     compile_for_sm90(
         k._gated_rms_norm_fwd, x_ptr=dtype, z_ptr=dtype, w_ptr=F32, y_ptr=dtype, rstd_ptr=F32,
-        s_y=N, eps=1e-5, **common,
+        s_y=N, eps=1e-5, **launch("_gated_rms_norm_fwd"), **common,
     )  # fmt: skip
     compile_for_sm90(
         k._gated_rms_norm_bwd, x_ptr=dtype, z_ptr=dtype, w_ptr=F32, dy_ptr=dtype, rstd_ptr=F32,
-        dx_ptr=dtype, dz_ptr=dtype, dw_ptr=F32, dzb_ptr=F32, s_dy=N, s_dx=N, s_dz=N, **common,
+        dx_ptr=dtype, dz_ptr=dtype, dw_ptr=F32, dzb_ptr=F32, s_dy=N, s_dx=N, s_dz=N,
+        **launch("_gated_rms_norm_bwd"), **common,
     )  # fmt: skip
 
 
