@@ -17,35 +17,16 @@ of a norm at each, to choose `LAUNCH_OPTIONS`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchmarks.launch_options import launch_options
 from benchmarks.ssd_kernels import time_calls
 from models import gated_norm_triton, layer_norm_triton
-
-
-@contextlib.contextmanager
-def launch_options(module, options: dict) -> Iterator[None]:
-    """`module`'s LAUNCH_OPTIONS (and QUARTER_ELEMENTS, where `options` names it) replaced
-    for the duration."""
-    saved = {name: dict(o) for name, o in module.LAUNCH_OPTIONS.items()}
-    saved_quarter = getattr(module, "QUARTER_ELEMENTS", None)
-    options = dict(options)
-    if "QUARTER_ELEMENTS" in options:
-        module.QUARTER_ELEMENTS = options.pop("QUARTER_ELEMENTS")
-    for name, values in options.items():
-        module.LAUNCH_OPTIONS[name].update(values)
-    try:
-        yield
-    finally:
-        module.LAUNCH_OPTIONS.update(saved)
-        if saved_quarter is not None:
-            module.QUARTER_ELEMENTS = saved_quarter
 
 
 def _calls(apply: Callable, inputs: list, leaves: list, grad) -> tuple[Callable, Callable]:

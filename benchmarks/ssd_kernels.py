@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import measure
+from benchmarks.launch_options import launch_options
 from models import causal_conv_triton, ssd_triton
 from models.backend import import_mamba_triton
 from ssd import causal_conv1d_hardswish, unpack_xbc
@@ -202,28 +203,22 @@ def main(argv: list[str] | None = None) -> None:
         ]  # fmt: skip
     ops = {op.strip() for op in args.ops.split(",")}
     variants = [v for v in variants if v[0] in ops]
-    modules = (ssd_triton, causal_conv_triton)
-    defaults = [{n: dict(o) for n, o in m.LAUNCH_OPTIONS.items()} for m in modules]
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         scan_in, conv_in = make_inputs(*shape, dtype), conv_inputs(*shape, dtype)
         time_in = time_conv_inputs(args.windows, args.seq_len, args.heads, dtype)
         for op, kernel, options in variants:
-            for module in modules:
-                module.LAUNCH_OPTIONS.update(
-                    {n: o for n, o in options.items() if n in module.LAUNCH_OPTIONS}
-                )
+            module = causal_conv_triton if "conv" in op else ssd_triton
             try:
-                if op == "scan":
-                    calls = scan_calls(kernel, scan_in, args.d_state, args.chunk_size)
-                else:
-                    calls = conv_calls(kernel, conv_in if op == "conv" else time_in)
-                timing = time_calls(*calls, device)
+                with launch_options(module, options):
+                    if op == "scan":
+                        calls = scan_calls(kernel, scan_in, args.d_state, args.chunk_size)
+                    else:
+                        calls = conv_calls(kernel, conv_in if op == "conv" else time_in)
+                    timing = time_calls(*calls, device)
             except Exception as err:  # one failing option keeps the others
                 timing = dict(error=f"{type(err).__name__}: {str(err)[:200]}")
             rows.append(dict(op=op, kernel=kernel, dtype=str(dtype)[6:], options=options, **timing))
-            for module, default in zip(modules, defaults):
-                module.LAUNCH_OPTIONS.update(default)
     print(f"{torch.cuda.get_device_name(device)}, one layer, (B, L, H, P, N) = {shape}, "
           f"Q = {args.chunk_size}; GPU busy ms")  # fmt: skip
     print("| op | kernel | dtype | options | forward | backward | forward + backward |")

@@ -391,7 +391,8 @@ def test_norm_kernels_sweep_leaves_the_shipped_options():
     pytest.importorskip("triton")
     from conftest import run_in_triton_interpreter
 
-    from benchmarks.norm_kernels import NORMS, launch_options, main, sweep_options
+    from benchmarks.launch_options import launch_options
+    from benchmarks.norm_kernels import NORMS, main, sweep_options
 
     for module, _ in NORMS.values():
         shipped = {name: dict(o) for name, o in module.LAUNCH_OPTIONS.items()}
@@ -406,6 +407,10 @@ def test_norm_kernels_sweep_leaves_the_shipped_options():
                 assert all(module.LAUNCH_OPTIONS[n] == v for n, v in expected.items())
         assert module.LAUNCH_OPTIONS == shipped
         assert getattr(module, "QUARTER_ELEMENTS", None) == quarter
+        with pytest.raises(KeyError, match="no launch options"):
+            with launch_options(module, {"_no_such_kernel": {}}):
+                pass
+        assert module.LAUNCH_OPTIONS == shipped
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             main([])

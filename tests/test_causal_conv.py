@@ -7,12 +7,11 @@ On CUDA (marked gpu) and, where Triton is installed, on CPU through its interpre
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from conftest import relative_error, run_in_triton_interpreter
 
+from benchmarks.launch_options import launch_options
 from ssd import causal_conv1d_hardswish_reference
 
 # (batch, length, channels, kernel, layout): one segment; several segments and channel
@@ -36,19 +35,6 @@ OTHER_LAUNCH_OPTIONS = {
     "_causal_conv_fwd": dict(BLOCK_C=32, SEGMENT=5, UNROLL=2, num_warps=1),
     "_causal_conv_bwd": dict(BLOCK_C=128, SEGMENT=16, UNROLL=8, num_warps=2),
 }
-
-
-@contextlib.contextmanager
-def launch_options(options: dict | None):
-    """models.causal_conv_triton.LAUNCH_OPTIONS replaced by `options` (None: as shipped)."""
-    from models import causal_conv_triton
-
-    saved = {name: dict(o) for name, o in causal_conv_triton.LAUNCH_OPTIONS.items()}
-    causal_conv_triton.LAUNCH_OPTIONS.update(options or {})
-    try:
-        yield
-    finally:
-        causal_conv_triton.LAUNCH_OPTIONS.update(saved)
 
 
 def _input(gen: torch.Generator, batch: int, length: int, channels: int, layout: str):
@@ -108,7 +94,9 @@ def check_against_reference(device: str, case: tuple, seed: int, dtype=torch.flo
 @pytest.mark.parametrize("options", [None, OTHER_LAUNCH_OPTIONS], ids=["shipped", "other"])
 @pytest.mark.parametrize("case", CASES)
 def test_fused_causal_conv_matches_reference_on_gpu(case, options):
-    with launch_options(options):
+    from models import causal_conv_triton
+
+    with launch_options(causal_conv_triton, options):
         errors = check_against_reference("cuda", case, seed=sum(case[:4]))
     print(f"\n[gpu] causal conv {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) < 1e-5, errors
@@ -137,10 +125,11 @@ def test_wider_kernels_than_the_triton_path_takes_run_on_nn_functional_on_gpu():
 def test_fused_causal_conv_in_interpreter():
     """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
     code = (
-        "from tests.test_causal_conv import (\n"
-        "    CASES, OTHER_LAUNCH_OPTIONS, check_against_reference, launch_options)\n"
+        "from benchmarks.launch_options import launch_options\n"
+        "from models import causal_conv_triton\n"
+        "from tests.test_causal_conv import CASES, OTHER_LAUNCH_OPTIONS, check_against_reference\n"
         "for options in (None, OTHER_LAUNCH_OPTIONS):\n"
-        "    with launch_options(options):\n"
+        "    with launch_options(causal_conv_triton, options):\n"
         "        for i, case in enumerate(CASES):\n"
         "            errors = check_against_reference('cpu', case, seed=i)\n"
         "            assert max(errors.values()) < 1e-5, (options, case, errors)\n"
