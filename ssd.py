@@ -31,7 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.backend import BACKENDS, import_mamba_triton, resolve_backend
-from models.layers import Dropout, LowerTriangularLinear, PrefixLayerNorm, fuses_bias, product
+from models.layers import (
+    Dropout,
+    LowerTriangularLinear,
+    PrefixLayerNorm,
+    fuses_bias,
+    product,
+    time_mix_norm,
+)
 from models.split_gradient import split_columns
 
 SSD_KERNELS = ("fused", "mamba")  # the Triton backend's scan and gated norm: ours, mamba-ssm's
@@ -429,7 +436,9 @@ class TiSSDBlock(nn.Module):
             self.time_conv_2 = CausalConv1dHardswish(self.nheads, d_conv)
             self.time_mlp = nn.Sequential(Dropout(time_drop_out), linear(L), nn.SiLU(), linear(L))
             gate = linear(L) if p2p_residual else nn.Linear(L, 1)
-            self.time_gate = nn.Sequential(Dropout(time_drop_out), gate, nn.Sigmoid())
+            # gate logits; their sigmoid is applied by `time_mix_norm` (no parameters move:
+            # the state dict keys of checkpoints with an nn.Sigmoid at index 2 are the same)
+            self.time_gate = nn.Sequential(Dropout(time_drop_out), gate)
             self.time_norm = (PrefixLayerNorm if causal_time else nn.LayerNorm)(L)
 
     def forward(
@@ -494,6 +503,7 @@ class TiSSDBlock(nn.Module):
 
         if not self.is_time:
             return out, time_signal
-        g = self.time_gate(time_signal)  # (B, H, L) or (B, H, 1)
-        time_next = self.time_norm(g * time_signal + (1 - g) * theta)  # (B, H, L)
+        gate_logits = self.time_gate(time_signal)  # (B, H, L) or (B, H, 1)
+        # norm(s T + (1 - s) theta), s = sigmoid(gate_logits): (B, H, L)
+        time_next = time_mix_norm(gate_logits, time_signal, theta, self.time_norm, self.backend)
         return out, time_next

@@ -1,6 +1,7 @@
-"""Registers and spills of the SSD scan's and the causal convolution's Triton kernels on an
-H100/H200 (sm_90), computed on any machine with Triton, no GPU: each kernel compiled at
-the ML-1M step's shape with its launch options, then Triton's `ptxas -v` on the PTX.
+"""Registers and spills of the SSD scan's, the causal convolution's and the time path's
+Triton kernels on an H100/H200 (sm_90), computed on any machine with Triton, no GPU: each
+kernel compiled at the ML-1M step's shape with its launch options, then Triton's
+`ptxas -v` on the PTX.
 
 Spilled registers go to local memory; a kernel at 255 registers with spills is a
 candidate for smaller tiles or fewer live values, but the GPU decides: fewer registers can
@@ -24,12 +25,13 @@ from benchmarks.sm90 import (
     conv_launch,
     ptxas_resources,
     ssd_kernel_args,
+    time_mix_norm_kernel_args,
 )
 
 
 def kernel_rows(sweep: bool, seq_len: int = 200) -> list[dict]:
     """One row per (kernel, dtype, launch options)."""
-    from models import causal_conv_triton, ssd_triton
+    from models import causal_conv_triton, ssd_triton, time_mix_norm_triton
 
     rows = []
     for dtype, dtype_name in ((F32, "float32"), (BF16, "bfloat16")):
@@ -40,6 +42,10 @@ def kernel_rows(sweep: bool, seq_len: int = 200) -> list[dict]:
         kernels += [  # xBC: 192 of in_proj's 324 columns
             (causal_conv_triton, name, args, conv_launch(name, seq_len, 192)[1])
             for name, args in conv_kernel_args(seq_len, 192, 324, dtype).items()
+        ]
+        kernels += [  # the causal time path's: prefix statistics, a gate per position
+            (time_mix_norm_triton, name, args, options)
+            for name, (args, options) in time_mix_norm_kernel_args(seq_len, 4, dtype).items()
         ]
         for module, name, args, chosen in kernels:
             options = [chosen]

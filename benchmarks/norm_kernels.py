@@ -1,7 +1,8 @@
-"""The fused norms alone: the residual LayerNorm (models/layer_norm_triton.py) and the SSD
-block's gated RMSNorm (models/gated_norm_triton.py), at the ML-1M all-positions step's
-shape (600 x 200 rows), forward and forward + backward, float32 and bfloat16 inputs,
-GPU busy time and each kernel's time.
+"""The fused norms alone: the residual LayerNorm (models/layer_norm_triton.py), the SSD
+block's gated RMSNorm (models/gated_norm_triton.py) and the time path's gate, mix and
+prefix LayerNorm (models/time_mix_norm_triton.py, beside the PyTorch ops it replaces), at
+the ML-1M all-positions step's shape (600 x 200 rows), forward and forward + backward,
+float32 and bfloat16 inputs, GPU busy time and each kernel's time.
 
 The LayerNorm as TiM4Rec's layers call it: x a product's output (bf16 under autocast)
 with that product's bias, a float32 residual, dropout 0.2. The gated norm: x the scan's
@@ -17,16 +18,19 @@ of a norm at each, to choose `LAUNCH_OPTIONS`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from benchmarks.launch_options import launch_options
 from benchmarks.ssd_kernels import time_calls
-from models import gated_norm_triton, layer_norm_triton
+from models import gated_norm_triton, layer_norm_triton, time_mix_norm_triton
+from models.layers import PrefixLayerNorm, time_mix_norm
 
 
 def _calls(apply: Callable, inputs: list, leaves: list, grad) -> tuple[Callable, Callable]:
@@ -67,9 +71,33 @@ def gated_norm_calls(rows: int, dtype: torch.dtype, device="cuda") -> tuple[Call
     return _calls(gated_norm_triton.GatedRMSNorm.apply, inputs, leaves, grad)
 
 
+def time_mix_norm_calls(
+    rows: int, dtype: torch.dtype, device="cuda", fused: bool = True
+) -> tuple[Callable, Callable]:
+    """(forward call, forward + backward call) of the causal time path's end, as a layer
+    of the all-positions step calls it: T and theta (B, H, L) float32 (theta a transposed
+    view of the time convolution's (B, L, H) output), the gate logits in `dtype` (a
+    product's output under autocast), prefix statistics."""
+    H, L = 4, 200
+    B = rows // L
+    T = torch.randn(B, H, L, device=device, requires_grad=True)
+    theta = torch.randn(B, L, H, device=device).transpose(1, 2).requires_grad_()
+    logits = torch.randn(B, H, L, device=device, dtype=dtype, requires_grad=True)
+    norm = PrefixLayerNorm(L).to(device)
+    grad = torch.randn(B, H, L, device=device)
+    leaves = [logits, T, theta, norm.weight, norm.bias]
+    if fused:
+        inputs = [*leaves, norm.eps, True]
+        return _calls(time_mix_norm_triton.TimeMixNorm.apply, inputs, leaves, grad)
+    return _calls(time_mix_norm, [logits, T, theta, norm, "torch"], leaves, grad)
+
+
 NORMS = {
     "layer norm": (layer_norm_triton, layer_norm_calls),
     "gated norm": (gated_norm_triton, gated_norm_calls),
+    "time mix norm": (time_mix_norm_triton, time_mix_norm_calls),
+    # the PyTorch ops the fused time mix norm replaces, for comparison
+    "time mix norm, PyTorch": (None, partial(time_mix_norm_calls, fused=False)),
 }
 
 
@@ -85,6 +113,9 @@ def sweep_options() -> list[tuple[str, dict]]:
     gn = tuple(gated_norm_triton.LAUNCH_OPTIONS)
     for rows, warps in itertools.product((8, 16, 32), (1, 2, 4, 8)):
         variants.append(("gated norm", {name: dict(ROWS=rows, num_warps=warps) for name in gn}))
+    tm = tuple(time_mix_norm_triton.LAUNCH_OPTIONS)
+    for rows, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
+        variants.append(("time mix norm", {name: dict(ROWS=rows, num_warps=warps) for name in tm}))
     return variants
 
 
@@ -107,14 +138,18 @@ def main(argv: list[str] | None = None) -> None:
             module, calls = NORMS[norm]
             head = f"| {norm} | {str(dtype)[6:]} | {options or 'shipped'} |"
             try:
-                with launch_options(module, options):
+                with launch_options(module, options) if module else contextlib.nullcontext():
                     timing = time_calls(*calls(args.rows, dtype), device)
             except Exception as err:  # one failing option keeps the others
                 print(f"{head} {type(err).__name__}: {str(err)[:200]} | | |", flush=True)
                 continue
             kernels = timing.pop("kernels")
-            us = {name: 1e3 * kernels.get(name, float("nan")) for name in module.LAUNCH_OPTIONS}
-            listed = ", ".join(f"{name.strip('_')} {v:.1f}" for name, v in us.items())
+            if module is None:  # PyTorch's ops: how many kernels, not each
+                us = {"all": 1e3 * sum(kernels.values())}
+                listed = f"{len(kernels)} distinct kernels"
+            else:
+                us = {name: 1e3 * kernels.get(name, float("nan")) for name in module.LAUNCH_OPTIONS}
+                listed = ", ".join(f"{name.strip('_')} {v:.1f}" for name, v in us.items())
             print(f"{head} {timing['fwd_ms']:.3f} | {timing['fwd_bwd_ms']:.3f} | {listed} |",
                   flush=True)  # fmt: skip
             results.append(dict(norm=norm, dtype=str(dtype)[6:], options=options, us=us, **timing))

@@ -128,3 +128,25 @@ def conv_kernel_args(
         **conv_launch("_causal_conv_bwd", L, C)[0],
     )  # fmt: skip
     return {"_causal_conv_fwd": fwd, "_causal_conv_bwd": bwd}
+
+
+def time_mix_norm_kernel_args(L: int, H: int, dtype: torch.Tensor, prefix: bool = True) -> dict:
+    """(arguments, launch options) of models/time_mix_norm_triton.py's kernels at the
+    block's shapes: theta a transposed view of a (B, L, H) tensor, a gate per position with
+    the prefix statistics (the causal path), per row without (the paper's)."""
+    from models import time_mix_norm_triton as k
+
+    common = dict(
+        gate_ptr=dtype, t_ptr=F32, theta_ptr=dtype, w_ptr=F32, M=2400, H=H, L=L, s_tb=L * H,
+        s_th=1, s_tl=H, eps=1e-5, GATE_PER_ROW=not prefix, PREFIX=prefix,
+        BLOCK_L=triton.next_power_of_2(L),
+    )  # fmt: skip
+    out = {}
+    for name, args in (
+        ("_time_mix_norm_fwd", dict(b_ptr=F32, y_ptr=F32)),
+        ("_time_mix_norm_bwd", dict(dy_ptr=F32, dgate_ptr=dtype, dt_ptr=F32, dtheta_ptr=dtype,
+                                    dw_ptr=F32, db_ptr=F32)),
+    ):  # fmt: skip
+        options = dict(k.LAUNCH_OPTIONS[name])
+        out[name] = (dict(ROWS=options.pop("ROWS"), **args, **common), options)
+    return out

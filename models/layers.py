@@ -193,3 +193,25 @@ class PrefixLayerNorm(nn.LayerNorm):
         mean = x.cumsum(dim=-1) / count
         var = (x.square().cumsum(dim=-1) / count - mean.square()).clamp(min=0)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def time_mix_norm(
+    gate_logits: torch.Tensor,
+    time_signal: torch.Tensor,
+    theta: torch.Tensor,
+    norm: nn.LayerNorm,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """The end of the time path: norm(s T + (1 - s) theta), s = sigmoid(gate_logits), along
+    L. T, theta (B, H, L); gate_logits (B, H, L) or (B, H, 1); `norm` an nn.LayerNorm(L)
+    or a PrefixLayerNorm(L). One fused kernel each way on the Triton backend
+    (models/time_mix_norm_triton.py), PyTorch otherwise."""
+    if _runs_triton(backend, time_signal.device):
+        from models.time_mix_norm_triton import TimeMixNorm
+
+        prefix = isinstance(norm, PrefixLayerNorm)
+        return TimeMixNorm.apply(
+            gate_logits, time_signal, theta, norm.weight, norm.bias, norm.eps, prefix
+        )
+    s = torch.sigmoid(gate_logits)
+    return norm(s * time_signal + (1 - s) * theta)

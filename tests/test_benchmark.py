@@ -395,6 +395,8 @@ def test_norm_kernels_sweep_leaves_the_shipped_options():
     from benchmarks.norm_kernels import NORMS, main, sweep_options
 
     for module, _ in NORMS.values():
+        if module is None:  # PyTorch's ops, no launch options
+            continue
         shipped = {name: dict(o) for name, o in module.LAUNCH_OPTIONS.items()}
         quarter = getattr(module, "QUARTER_ELEMENTS", None)
         for norm, options in sweep_options():
@@ -416,11 +418,11 @@ def test_norm_kernels_sweep_leaves_the_shipped_options():
             main([])
     run_in_triton_interpreter(
         "import torch\n"
-        "from benchmarks.norm_kernels import gated_norm_calls, layer_norm_calls\n"
+        "from benchmarks.norm_kernels import NORMS\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
-        "    for calls in (layer_norm_calls, gated_norm_calls):\n"
-        "        forward, forward_backward = calls(37, dtype, device='cpu')\n"
-        "        assert forward().shape[0] == 37\n"
+        "    for _, calls in NORMS.values():\n"
+        "        forward, forward_backward = calls(400, dtype, device='cpu')\n"
+        "        assert forward().isfinite().all()\n"
         "        forward_backward(); forward_backward()\n"
         "print('ok')\n"
     )

@@ -21,6 +21,7 @@ from benchmarks.sm90 import (  # noqa: E402
     conv_kernel_args,
     conv_launch,
     ssd_kernel_args,
+    time_mix_norm_kernel_args,
 )
 
 
@@ -140,3 +141,14 @@ def test_product_kernels_compile(K):
         assert 16 <= resources["registers"] <= 255, (op, resources)
         if K <= 128:
             assert resources["spill_stores"] == 0, (op, resources)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("prefix", [True, False])
+def test_time_mix_norm_kernels_compile_without_spills(dtype, prefix):
+    from benchmarks.sm90 import ptxas_resources
+    from models import time_mix_norm_triton as k
+
+    for name, (args, options) in time_mix_norm_kernel_args(200, 4, dtype, prefix).items():
+        resources = ptxas_resources(compile_for_sm90(getattr(k, name), options=options, **args))
+        assert resources["spill_stores"] == 0, (name, resources)
