@@ -85,7 +85,7 @@ def relative_errors(case: tuple, device: str, dtype=torch.float32) -> tuple[dict
 def assert_float32_accurate(errors: dict, errors32: dict) -> None:
     """Each error within 5x PyTorch's float32 error on the CPU, or under 1e-5: another
     summation order, and a GPU's fused multiply-adds, move the ill-conditioned prefix
-    gradients by up to 3.3x (H200, call B, docs/results/time-mix-norm-h200/)."""
+    gradients by up to 3.3x (H200, calls B and C, docs/results/time-mix-norm-h200/)."""
     worse = {k: (v, errors32[k]) for k, v in errors.items() if v > max(5 * errors32[k], 1e-5)}
     assert not worse, worse
 
