@@ -155,12 +155,6 @@ def _time_mix_norm_bwd(
     tl.store(db_ptr + cols * programs + pid, tl.sum(dy, axis=0), mask=cols < L)
 
 
-def _launch(name: str, rows: int) -> tuple[tuple[int], dict, dict]:
-    options = dict(LAUNCH_OPTIONS[name])
-    block_rows = options.pop("ROWS")
-    return (triton.cdiv(rows, block_rows),), dict(ROWS=block_rows), options
-
-
 def _dense(t: torch.Tensor) -> bool:
     """Whether t's elements fill its storage span in some order of its axes (a contiguous
     tensor or a transposed view of one): torch.empty_like then keeps its strides."""
@@ -195,12 +189,11 @@ class TimeMixNorm(torch.autograd.Function):
         for t in (gate_logits, theta, weight, bias):
             dtype = torch.promote_types(dtype, t.dtype)
         y = torch.empty((B, H, L), device=time_signal.device, dtype=dtype)
-        grid, constexprs, options = _launch("_time_mix_norm_fwd", B * H)
-        _time_mix_norm_fwd[grid](
+        options = LAUNCH_OPTIONS["_time_mix_norm_fwd"]
+        _time_mix_norm_fwd[(triton.cdiv(B * H, options["ROWS"]),)](
             gate_logits, time_signal, theta, weight, bias, y,
             B * H, H, L, *theta.stride(), eps,
-            GATE_PER_ROW=per_row, PREFIX=prefix, BLOCK_L=triton.next_power_of_2(L),
-            **constexprs, **options,
+            GATE_PER_ROW=per_row, PREFIX=prefix, BLOCK_L=triton.next_power_of_2(L), **options,
         )  # fmt: skip
         ctx.save_for_backward(gate_logits, time_signal, theta, weight)
         ctx.eps, ctx.prefix, ctx.per_row, ctx.bias_dtype = eps, prefix, per_row, bias.dtype
@@ -216,14 +209,15 @@ class TimeMixNorm(torch.autograd.Function):
         # in theta's strides (a transposed view in the block): the gradient lands in the
         # layout of theta's producer, with no copy
         dtheta = torch.empty_like(theta)
-        grid, constexprs, options = _launch("_time_mix_norm_bwd", B * H)
-        partials = torch.empty((2, L, grid[0]), device=dy.device, dtype=torch.float32)
-        _time_mix_norm_bwd[grid](
+        options = LAUNCH_OPTIONS["_time_mix_norm_bwd"]
+        programs = triton.cdiv(B * H, options["ROWS"])
+        partials = torch.empty((2, L, programs), device=dy.device, dtype=torch.float32)
+        _time_mix_norm_bwd[(programs,)](
             gate_logits, time_signal, theta, weight, dy, dgate, dt, dtheta,
             partials[0], partials[1],
             B * H, H, L, *theta.stride(), ctx.eps,
             GATE_PER_ROW=ctx.per_row, PREFIX=ctx.prefix, BLOCK_L=triton.next_power_of_2(L),
-            **constexprs, **options,
+            **options,
         )  # fmt: skip
         sums = partials.sum(-1)  # (2, L)
         return dgate, dt, dtheta, sums[0].to(weight.dtype), sums[1].to(ctx.bias_dtype), None, None
