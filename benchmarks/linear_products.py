@@ -24,14 +24,28 @@ import torch
 from benchmarks import measure
 from benchmarks.floor import StepShape, product_shapes
 
-CALLS = 30
+CALLS = 20
+REPLAYS = 5
 
 
 def time_us(fn: Callable[[], object], device: torch.device) -> float:
-    """Median GPU microseconds per call (benchmarks.measure.time_calls), after a warm-up."""
-    for _ in range(5):
-        fn()
-    return 1e6 * statistics.median(measure.time_calls(fn, device, CALLS))
+    """Median GPU microseconds per call: CALLS calls captured in one CUDA graph, the graph
+    replayed REPLAYS times. Replaying leaves out the host's launch cost, which back-to-back
+    launches of these 50-200 us kernels do not always hide, so configurations compare on
+    GPU time alone."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up: compile, autotune, allocate
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    per_replay = measure.time_calls(graph.replay, device, REPLAYS)
+    return 1e6 * statistics.median(per_replay) / CALLS
 
 
 def layer_products(hidden: int) -> list[tuple[str, int, int]]:
@@ -78,7 +92,7 @@ def sweep(rows: int, hidden: int, device) -> None:
             a, b = operands[op]
             default = time_us(partial(fn, a, b), device)
             results = []
-            for config in k.sweep_configs(op, width):
+            for config in k.sweep_configs(op, width, n):
                 try:
                     us = time_us(partial(fn, a, b, config), device)
                 except Exception as err:  # out of resources: that configuration loses

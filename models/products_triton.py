@@ -7,12 +7,17 @@ TiM4Rec's products reduce over K <= 256 (in_proj 64 -> 324, out_proj 128 -> 64, 
 operands multiply as `tf32x3`: each split into a TF32 high part and a TF32 remainder,
 three tensor-core products summed in float32 (relative error ~1e-6, as float32 FMAs;
 plain TF32 would be ~1e-3). Measured per product on an H200 (docs/performance_notes.md,
-"Triton kernels for the products"): the forward and the input gradient beat cuBLAS, the
-weight gradient (a reduction over all rows) lost 1.4-2.9x and is cuBLAS's, and bf16
-products are cuBLAS's (faster there).
+"Float32 products on Triton" and "Products: rows held, W transposed"): the forwards
+beat cuBLAS by 1.6-1.7x, three of four input gradients by 1.3-1.6x (in_proj's is 9%
+slower), the weight gradient (a reduction over all rows) lost 1.3-2.9x in two attempts
+and is cuBLAS's, and bf16 products are cuBLAS's (faster there).
 
-- forward: each program computes a (BLOCK_M, BLOCK_N) tile of Y, walking K in blocks;
-- dX = dY W: each program a block of rows with all of K, walking N.
+- forward, "tiles": each program a (BLOCK_M, BLOCK_N) tile of Y, walking K in blocks;
+- forward, "rows": each program a block of rows with all of K held, walking N, so X is
+  read once (wide outputs: in_proj, the FFN's W1);
+- dX = dY W: each program a block of rows with all of K, walking N; W as stored ("w") or
+  as W^T ("wt"): then both operands reduce along their unit stride, the layout the
+  tensor cores take TF32 in.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ MAX_K = 256  # the widest reduction a dX program holds whole
 
 @triton.jit
 def _product_fwd(
-    x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_ym,
+    x_ptr, w_ptr, y_ptr, M, N, N_OUT, K, s_xm, s_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """y[rows, cols] = x[rows, :] @ w[cols, :]^T, w (N, K) contiguous, K in blocks."""
+    """y[rows, cols] = x[rows, :] @ w[cols, :]^T, w (N, K) contiguous, K in blocks; the
+    columns N..N_OUT (the rows' padding) written as zeros."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = rows.to(tl.int64)[:, None]
@@ -40,19 +46,46 @@ def _product_fwd(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + r64 * s_xm + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :])
         w = tl.load(
-            w_ptr + cols[:, None] * K + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :]
+            w_ptr + cols[:, None] * K + ks[None, :],
+            mask=(cols < N)[:, None] & (ks < K)[None, :],
+            other=0.0,
         )
         acc += tl.dot(x, tl.trans(w), input_precision="tf32x3")
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    mask = (rows < M)[:, None] & (cols < N_OUT)[None, :]
     tl.store(y_ptr + r64 * s_ym + cols[None, :], acc, mask=mask)
 
 
 @triton.jit
-def _product_dx(
-    dy_ptr, w_ptr, dx_ptr, M, N, K, s_dym, s_dxm,
+def _product_fwd_rows(
+    x_ptr, w_ptr, y_ptr, M, N, N_OUT, K, s_xm, s_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dx[rows, :] = dy[rows, :] @ w, walking N in blocks, all of K in one block."""
+    """y[rows, :] = x[rows, :] @ w^T, all of K (<= BLOCK_K) held, walking N in blocks; the
+    columns N..N_OUT (the rows' padding) written as zeros."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * s_xm + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :])
+    for n0 in range(0, N_OUT, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        w = tl.load(
+            w_ptr + cols[:, None] * K + ks[None, :],
+            mask=(cols < N)[:, None] & (ks < K)[None, :],
+            other=0.0,
+        )
+        y = tl.dot(x, tl.trans(w), input_precision="tf32x3")
+        mask = (rows < M)[:, None] & (cols < N_OUT)[None, :]
+        tl.store(y_ptr + r64 * s_ym + cols[None, :], y, mask=mask)
+
+
+@triton.jit
+def _product_dx(
+    dy_ptr, w_ptr, dx_ptr, M, N, K, s_dym, s_dxm, s_w,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr,
+):  # fmt: skip
+    """dx[rows, :] = dy[rows, :] @ w, walking N in blocks, all of K in one block; w (N, K)
+    with rows of stride s_w, or W_TRANSPOSED: w^T (K, N) with rows of stride s_w."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     r64 = rows.to(tl.int64)[:, None]
@@ -62,9 +95,17 @@ def _product_dx(
         dy = tl.load(
             dy_ptr + r64 * s_dym + cols[None, :], mask=(rows < M)[:, None] & (cols < N)[None, :]
         )
-        w = tl.load(
-            w_ptr + cols[:, None] * K + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :]
-        )
+        if W_TRANSPOSED:
+            w_t = tl.load(
+                w_ptr + ks[:, None] * s_w + cols[None, :],
+                mask=(ks < K)[:, None] & (cols < N)[None, :],
+            )
+            w = tl.trans(w_t)
+        else:
+            w = tl.load(
+                w_ptr + cols[:, None] * s_w + ks[None, :],
+                mask=(cols < N)[:, None] & (ks < K)[None, :],
+            )
         acc += tl.dot(dy, w, input_precision="tf32x3")
     mask = (rows < M)[:, None] & (ks < K)[None, :]
     tl.store(dx_ptr + r64 * s_dxm + ks[None, :], acc, mask=mask)
@@ -76,31 +117,43 @@ def _block_k(k: int) -> int:
     return max(16, triton.next_power_of_2(k))  # tl.dot needs 16 or more
 
 
-# Launch configurations `benchmarks/linear_products.py --sweep` tries: (BLOCK_M, BLOCK_N,
-# BLOCK_K or None for all of K, warps, stages).
+# Launch configurations `benchmarks/linear_products.py --sweep` tries: (variant, BLOCK_M,
+# BLOCK_N, BLOCK_K or None for all of K, warps, stages).
 SWEEP = {
-    "fwd": [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 64, 64, 4, 2), (128, 64, 32, 4, 2),
-            (128, 64, 64, 8, 3), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2)],
-    "dx": [(32, 32, None, 4, 3), (64, 32, None, 4, 3), (128, 32, None, 8, 3),
-           (64, 64, None, 4, 3), (64, 32, None, 8, 2), (32, 64, None, 4, 3)],
+    "fwd": [("tiles", 64, 64, 32, 4, 3), ("tiles", 128, 64, 32, 4, 3), ("tiles", 64, 128, 64, 4, 2),
+            ("rows", 64, 64, None, 4, 3), ("rows", 128, 64, None, 4, 2),
+            ("rows", 128, 64, None, 8, 2), ("rows", 32, 64, None, 4, 2)],
+    "dx": [("w", 32, 32, None, 4, 3), ("w", 128, 32, None, 8, 3), ("wt", 32, 32, None, 4, 3),
+           ("wt", 64, 32, None, 4, 3), ("wt", 64, 32, None, 4, 4), ("wt", 128, 32, None, 8, 3),
+           ("wt", 64, 64, None, 4, 3)],
 }  # fmt: skip
 
 
-def sweep_configs(op: str, k: int) -> list[dict]:
-    """SWEEP[op] as launch configurations at reduction width k."""
+def sweep_configs(op: str, k: int, n: int) -> list[dict]:
+    """SWEEP[op] as launch configurations of a product k -> n ("rows" only where it holds
+    all of K, k <= 128)."""
     return [
-        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=block_k or _block_k(k), num_warps=w, num_stages=s)
-        for m, n, block_k, w, s in SWEEP[op]
-    ]
+        dict(variant=v, BLOCK_M=m, BLOCK_N=bn, BLOCK_K=block_k or _block_k(k),
+             num_warps=w, num_stages=s)
+        for v, m, bn, block_k, w, s in SWEEP[op]
+        if v != "rows" or k <= 128
+    ]  # fmt: skip
 
 
-def launch_config(op: str, k: int) -> dict:
-    """Block sizes and warps of `op` ("fwd" or "dx") at reduction width k: the fastest of
-    the sweep for every product of the block on an H200 (docs/results/triton-products-h200/
-    sweep-A.log; the FFN's W1 input gradient was 7% faster at 128 x 32, 8 warps)."""
+def launch_config(op: str, k: int, n: int) -> dict:
+    """Kernel variant, block sizes and warps of `op` ("fwd" or "dx") for a product k -> n:
+    the fastest of the sweep on an H200 (docs/performance_notes.md, "Products: rows held,
+    W transposed"). Wide outputs of narrow inputs (in_proj, W1) hold rows and walk N;
+    narrow reductions (K = 64) read W transposed."""
     if op == "fwd":
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=_block_k(k), num_warps=4, num_stages=3)
+        if k <= 64 and n > 64:
+            return dict(variant="rows", BLOCK_M=128, BLOCK_N=64, BLOCK_K=_block_k(k),
+                        num_warps=4, num_stages=2)  # fmt: skip
+        return dict(variant="tiles", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    if k <= 64 and n % 32 == 0:
+        return dict(variant="wt", BLOCK_M=128, BLOCK_N=32, BLOCK_K=_block_k(k),
+                    num_warps=8, num_stages=3)  # fmt: skip
+    return dict(variant="w", BLOCK_M=32, BLOCK_N=32, BLOCK_K=_block_k(k), num_warps=4, num_stages=3)
 
 
 def product_fwd(x2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
@@ -108,21 +161,41 @@ def product_fwd(x2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -
     (benchmarks/linear_products.py --sweep)."""
     M, K = x2.shape
     N = w.shape[0]
-    config = config or launch_config("fwd", K)
-    y = torch.empty(M, N, device=x2.device, dtype=torch.float32)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
-    _product_fwd[grid](x2, w, y, M, N, K, x2.stride(0), y.stride(0), **config)
+    config = dict(config or launch_config("fwd", K, N))
+    y = padded_rows(M, N, x2.device)
+    n_out = y.stride(0)  # the padding too: whole 16-column groups store as vectors
+    if config.pop("variant") == "rows":
+        grid = (triton.cdiv(M, config["BLOCK_M"]),)
+        _product_fwd_rows[grid](x2, w, y, M, N, n_out, K, x2.stride(0), y.stride(0), **config)
+    else:
+        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
+        _product_fwd[grid](x2, w, y, M, N, n_out, K, x2.stride(0), y.stride(0), **config)
     return y
+
+
+def padded_rows(rows: int, n: int, device: torch.device) -> torch.Tensor:
+    """An uninitialised float32 (rows, n) whose rows are padded to a multiple of 16
+    columns: Triton specialises strides divisible by 16 and then moves whole rows in
+    16-byte vectors (in_proj's 324 columns are not; its readers and the gradient that
+    comes back, models/split_gradient.py, keep the padded stride). The products write the
+    padding as zeros: a store masked at 324 columns does not vectorise (in_proj's forward
+    on an H200: 149 us masked at 324, 117 us at 336; docs/performance_notes.md)."""
+    return torch.empty(rows, triton.cdiv(n, 16) * 16, device=device, dtype=torch.float32)[:, :n]
 
 
 def product_dx(dy2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """dy2 (M, N) @ w (N, K) -> (M, K), float32."""
     M, N = dy2.shape
     K = w.shape[1]
-    config = config or launch_config("dx", K)
+    config = dict(config or launch_config("dx", K, N))
+    transposed = config.pop("variant") == "wt"
+    w_op = w.t().contiguous() if transposed else w
     dx = torch.empty(M, K, device=dy2.device, dtype=torch.float32)
     grid = (triton.cdiv(M, config["BLOCK_M"]),)
-    _product_dx[grid](dy2, w, dx, M, N, K, dy2.stride(0), dx.stride(0), **config)
+    _product_dx[grid](
+        dy2, w_op, dx, M, N, K, dy2.stride(0), dx.stride(0), w_op.stride(0),
+        W_TRANSPOSED=transposed, **config,
+    )  # fmt: skip
     return dx
 
 

@@ -31,8 +31,13 @@ class SharedGradient:
         self.tensor: torch.Tensor | None = None
 
     def full(self) -> torch.Tensor:
+        """The whole gradient; its rows padded to a multiple of 16 columns, as the Triton
+        products pad their outputs (models/products_triton.py, `padded_rows`)."""
         if self.tensor is None:
-            self.tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            *lead, width = self.shape
+            padded = -(-width // 16) * 16
+            full = torch.empty(*lead, padded, dtype=self.dtype, device=self.device)
+            self.tensor = full[..., :width]
         return self.tensor
 
     def block(self, index: int) -> torch.Tensor:

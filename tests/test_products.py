@@ -105,6 +105,30 @@ def test_the_dispatch_keeps_bf16_autocast_on_cublas_on_gpu():
         assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
+def check_sweep_configs(device: str) -> dict:
+    """Each launch configuration of products_triton.SWEEP (both forward and both
+    input-gradient variants) on a ragged in_proj-like product: the largest relative error
+    of y and dx against float64, per configuration, and the largest |value| the forward
+    leaves in its rows' padding (written as zeros)."""
+    from models import products_triton as k
+
+    rows, width, n = 300, 64, 100
+    gen = torch.Generator().manual_seed(7)
+    x, w, dy = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in
+                ((rows, width), (n, width), (rows, n)))  # fmt: skip
+    fast = {name: t.to(device=device, dtype=torch.float32) for name, t in zip("xwd", (x, w, dy))}
+    errors = {}
+    for config in k.sweep_configs("fwd", width, n):
+        y = k.product_fwd(fast["x"], fast["w"], config)
+        errors[f"fwd {config}"] = relative_error(y, x @ w.t())
+        padded = torch.as_strided(y, (rows, y.stride(0)), (y.stride(0), 1))  # (rows, 112)
+        errors[f"fwd {config} padding"] = padded[:, n:].abs().max().item()
+    for config in k.sweep_configs("dx", width, n):
+        dx = k.product_dx(fast["d"], fast["w"], config)
+        errors[f"dx {config}"] = relative_error(dx, dy @ w)
+    return errors
+
+
 def test_products_in_interpreter():
     """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
     code = (
@@ -115,3 +139,19 @@ def test_products_in_interpreter():
         "print('ok')\n"
     )
     run_in_triton_interpreter(code)
+
+
+def test_sweep_configurations_in_interpreter():
+    code = (
+        "from tests.test_products import check_sweep_configs\n"
+        "errors = check_sweep_configs('cpu')\n"
+        "assert len(errors) >= 10 and max(errors.values()) < 1e-5, errors\n"
+        "print('ok')\n"
+    )
+    run_in_triton_interpreter(code)
+
+
+@pytest.mark.gpu
+def test_sweep_configurations_on_gpu():
+    errors = check_sweep_configs("cuda")
+    assert max(errors.values()) < 1e-5, errors

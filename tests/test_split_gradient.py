@@ -89,6 +89,14 @@ def test_a_buffer_of_another_dtype_or_size_is_not_used():
     assert gradient_buffer(None, like).shape == like.shape
 
 
+def test_the_gradient_rows_are_padded_to_16_columns():
+    """in_proj's 324 columns: rows of 336, so Triton's kernels see a stride divisible by 16."""
+    gradient = SharedGradient(torch.zeros(2, 3, 324), [100, 200, 24])
+    full = gradient.full()
+    assert full.shape == (2, 3, 324) and full.stride() == (3 * 336, 336, 1)
+    assert gradient.block(2).shape == (2, 3, 24) and gradient.block(2).stride(-2) == 336
+
+
 def test_widths_must_cover_the_last_axis():
     with pytest.raises(ValueError, match="do not add up"):
         SharedGradient(torch.zeros(2, 5), [2, 2])

@@ -121,26 +121,32 @@ def test_ptxas_reports_registers_and_spills():
     assert resources["spill_stores"] == 0 and resources["spill_loads"] == 0
 
 
-@pytest.mark.parametrize("K", [64, 128, 256])
-def test_product_kernels_compile(K):
-    """At their launch configurations. The K = 256 input gradient spills ~200 bytes there
-    and was still the fastest configuration measured (docs/results/triton-products-h200/)."""
+@pytest.mark.parametrize("K, N", [(64, 324), (64, 256), (128, 64), (256, 64)])
+def test_product_kernels_compile(K, N):
+    """At their launch configurations. The K = 256 input gradient spills ~200 bytes there,
+    the 128-row forward ~120, and each was still the fastest configuration measured
+    (docs/results/triton-products-h200/, docs/results/products-rows-h200/)."""
     from benchmarks.sm90 import ptxas_resources
     from models import products_triton as k
 
-    common = dict(M=120_000, N=324, K=K)
-    args = {
-        "fwd": dict(x_ptr=F32, w_ptr=F32, y_ptr=F32, s_xm=K, s_ym=324),
-        "dx": dict(dy_ptr=F32, w_ptr=F32, dx_ptr=F32, s_dym=324, s_dxm=K),
-    }
-    for op, kernel in (("fwd", k._product_fwd), ("dx", k._product_dx)):
-        config = k.launch_config(op, K)
+    common = dict(M=120_000, N=N, K=K)
+    stride = -(-N // 16) * 16  # the padded rows of products_triton.padded_rows
+    for op in ("fwd", "dx"):
+        config = k.launch_config(op, K, N)
         options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-        ptx = compile_for_sm90(kernel, options=options, **args[op], **config, **common)
+        variant = config.pop("variant")
+        if op == "fwd":
+            kernel = k._product_fwd_rows if variant == "rows" else k._product_fwd
+            args = dict(x_ptr=F32, w_ptr=F32, y_ptr=F32, N_OUT=stride, s_xm=K, s_ym=stride)
+        else:
+            kernel = k._product_dx
+            s_w = N if variant == "wt" else K
+            args = dict(dy_ptr=F32, w_ptr=F32, dx_ptr=F32, s_dym=stride, s_dxm=K, s_w=s_w,
+                        W_TRANSPOSED=variant == "wt")  # fmt: skip
+        ptx = compile_for_sm90(kernel, options=options, **args, **config, **common)
         resources = ptxas_resources(ptx)
         assert 16 <= resources["registers"] <= 255, (op, resources)
-        if K <= 128:
-            assert resources["spill_stores"] == 0, (op, resources)
+        assert resources["spill_stores"] <= 256, (op, resources)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
