@@ -8,16 +8,17 @@ operands multiply as `tf32x3`: each split into a TF32 high part and a TF32 remai
 three tensor-core products summed in float32 (relative error ~1e-6, as float32 FMAs;
 plain TF32 would be ~1e-3). Measured per product on an H200 (docs/performance_notes.md,
 "Float32 products on Triton" and "Products: rows held, W transposed"): the forwards
-beat cuBLAS by 1.6-1.7x, three of four input gradients by 1.3-1.6x (in_proj's is 9%
-slower), the weight gradient (a reduction over all rows) lost 1.3-2.9x in two attempts
-and is cuBLAS's, and bf16 products are cuBLAS's (faster there).
+beat cuBLAS by 1.6-1.7x, the input gradients of out_proj and the FFN by 1.3-1.6x
+(in_proj's is cuBLAS's, 9% faster there), the weight gradient (a reduction over all
+rows) lost 1.3-2.9x in two attempts and is cuBLAS's, and bf16 products are cuBLAS's
+(faster there).
 
 - forward, "tiles": each program a (BLOCK_M, BLOCK_N) tile of Y, walking K in blocks;
 - forward, "rows": each program a block of rows with all of K held, walking N, so X is
   read once (wide outputs: in_proj, the FFN's W1);
 - dX = dY W: each program a block of rows with all of K, walking N; W as stored ("w") or
   as W^T ("wt"): then both operands reduce along their unit stride, the layout the
-  tensor cores take TF32 in.
+  tensor cores take TF32 in; in_proj's (N = 324) on cuBLAS.
 """
 
 from __future__ import annotations
@@ -144,15 +145,21 @@ def launch_config(op: str, k: int, n: int) -> dict:
     """Kernel variant, block sizes and warps of `op` ("fwd" or "dx") for a product k -> n:
     the fastest of the sweep on an H200 (docs/performance_notes.md, "Products: rows held,
     W transposed"). Wide outputs of narrow inputs (in_proj, W1) hold rows and walk N;
-    narrow reductions (K = 64) read W transposed."""
+    input gradients over N a multiple of 32 read W transposed; in_proj's (K = 64, N = 324)
+    is cuBLAS's, which beat both Triton variants there."""
     if op == "fwd":
         if k <= 64 and n > 64:
             return dict(variant="rows", BLOCK_M=128, BLOCK_N=64, BLOCK_K=_block_k(k),
                         num_warps=4, num_stages=2)  # fmt: skip
         return dict(variant="tiles", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    if k <= 64 and n % 32 == 0:
+    if n % 32 == 0 and k <= 64:
         return dict(variant="wt", BLOCK_M=128, BLOCK_N=32, BLOCK_K=_block_k(k),
                     num_warps=8, num_stages=3)  # fmt: skip
+    if n % 32 == 0 and k <= 128:
+        return dict(variant="wt", BLOCK_M=64, BLOCK_N=32, BLOCK_K=_block_k(k),
+                    num_warps=4, num_stages=3)  # fmt: skip
+    if k <= 64:
+        return dict(variant="cublas")
     return dict(variant="w", BLOCK_M=32, BLOCK_N=32, BLOCK_K=_block_k(k), num_warps=4, num_stages=3)
 
 
@@ -184,11 +191,14 @@ def padded_rows(rows: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def product_dx(dy2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """dy2 (M, N) @ w (N, K) -> (M, K), float32."""
+    """dy2 (M, N) @ w (N, K) -> (M, K), float32; on cuBLAS where launch_config says so."""
     M, N = dy2.shape
     K = w.shape[1]
     config = dict(config or launch_config("dx", K, N))
-    transposed = config.pop("variant") == "wt"
+    variant = config.pop("variant")
+    if variant == "cublas":
+        return dy2 @ w
+    transposed = variant == "wt"
     w_op = w.t().contiguous() if transposed else w
     dx = torch.empty(M, K, device=dy2.device, dtype=torch.float32)
     grid = (triton.cdiv(M, config["BLOCK_M"]),)
@@ -201,7 +211,7 @@ def product_dx(dy2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -
 
 class TritonProduct(torch.autograd.Function):
     """x (..., K) @ weight (N, K)^T in float32, without bias (the fused kernels add the
-    biases): Triton forward and input gradient, cuBLAS weight gradient."""
+    biases): Triton forward, input gradient by `product_dx`, cuBLAS weight gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

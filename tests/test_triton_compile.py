@@ -133,8 +133,10 @@ def test_product_kernels_compile(K, N):
     stride = -(-N // 16) * 16  # the padded rows of products_triton.padded_rows
     for op in ("fwd", "dx"):
         config = k.launch_config(op, K, N)
-        options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
         variant = config.pop("variant")
+        if variant == "cublas":  # no Triton kernel to compile
+            continue
+        options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
         if op == "fwd":
             kernel = k._product_fwd_rows if variant == "rows" else k._product_fwd
             args = dict(x_ptr=F32, w_ptr=F32, y_ptr=F32, N_OUT=stride, s_xm=K, s_ym=stride)
