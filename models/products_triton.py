@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from models.split_gradient import padded_empty
 from models.triton_vectors import as_rows
 
 MAX_K = 256  # the widest reduction a dX program holds whole
@@ -169,8 +170,11 @@ def product_fwd(x2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -
     M, K = x2.shape
     N = w.shape[0]
     config = dict(config or launch_config("fwd", K, N))
-    y = padded_rows(M, N, x2.device)
-    n_out = y.stride(0)  # the padding too: whole 16-column groups store as vectors
+    y = padded_empty((M, N), torch.float32, x2.device)
+    # The padding is written too, as zeros: a store masked at in_proj's 324 columns does not
+    # vectorise (its forward on an H200: 149 us masked at 324, 117 us at 336;
+    # docs/performance_notes.md, "Products: rows held").
+    n_out = y.stride(0)
     if config.pop("variant") == "rows":
         grid = (triton.cdiv(M, config["BLOCK_M"]),)
         _product_fwd_rows[grid](x2, w, y, M, N, n_out, K, x2.stride(0), y.stride(0), **config)
@@ -178,16 +182,6 @@ def product_fwd(x2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -
         grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
         _product_fwd[grid](x2, w, y, M, N, n_out, K, x2.stride(0), y.stride(0), **config)
     return y
-
-
-def padded_rows(rows: int, n: int, device: torch.device) -> torch.Tensor:
-    """An uninitialised float32 (rows, n) whose rows are padded to a multiple of 16
-    columns: Triton specialises strides divisible by 16 and then moves whole rows in
-    16-byte vectors (in_proj's 324 columns are not; its readers and the gradient that
-    comes back, models/split_gradient.py, keep the padded stride). The products write the
-    padding as zeros: a store masked at 324 columns does not vectorise (in_proj's forward
-    on an H200: 149 us masked at 324, 117 us at 336; docs/performance_notes.md)."""
-    return torch.empty(rows, triton.cdiv(n, 16) * 16, device=device, dtype=torch.float32)[:, :n]
 
 
 def product_dx(dy2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:

@@ -7,7 +7,8 @@ docs/performance_notes.md). Here the blocks' consumers (the gated norm's and the
 convolution's backward kernels) write their input gradients straight into the columns of
 one gradient tensor, `SharedGradient.block(i)`; the split's backward copies in only the
 blocks nobody wrote there (dt's few columns, or everything when a consumer is not one of
-those kernels), so the result always equals the concatenation.
+those kernels), so the result always equals the concatenation. That tensor and in_proj's
+output have rows padded to a multiple of 16 columns (`padded_empty`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+ROW_ALIGNMENT = 16  # columns: Triton specialises strides divisible by 16
+
+
+def padded_width(width: int) -> int:
+    """`width` rounded up to a multiple of ROW_ALIGNMENT."""
+    return -(-width // ROW_ALIGNMENT) * ROW_ALIGNMENT
+
+
+def padded_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of `shape` whose rows are padded to padded_width columns (a
+    view of the first shape[-1]): Triton then moves whole rows in 16-byte vectors. in_proj's
+    324 columns are not a multiple of 16; its output (models/products_triton.py) and the
+    gradient that comes back (SharedGradient) keep the padded stride."""
+    *lead, width = shape
+    return torch.empty(*lead, padded_width(width), dtype=dtype, device=device)[..., :width]
 
 
 class SharedGradient:
@@ -31,13 +48,9 @@ class SharedGradient:
         self.tensor: torch.Tensor | None = None
 
     def full(self) -> torch.Tensor:
-        """The whole gradient; its rows padded to a multiple of 16 columns, as the Triton
-        products pad their outputs (models/products_triton.py, `padded_rows`)."""
+        """The whole gradient, its rows padded as the products' outputs (`padded_empty`)."""
         if self.tensor is None:
-            *lead, width = self.shape
-            padded = -(-width // 16) * 16
-            full = torch.empty(*lead, padded, dtype=self.dtype, device=self.device)
-            self.tensor = full[..., :width]
+            self.tensor = padded_empty(self.shape, self.dtype, self.device)
         return self.tensor
 
     def block(self, index: int) -> torch.Tensor:

@@ -121,16 +121,21 @@ def test_ptxas_reports_registers_and_spills():
     assert resources["spill_stores"] == 0 and resources["spill_loads"] == 0
 
 
+# Bytes that launch configurations chosen by measurement spill on sm_90, each still the
+# fastest measured there (docs/results/triton-products-h200/, products-rows-h200/): the
+# 128-row forward (~120), out_proj's input gradient through W^T (~100), W2's (~190).
+PRODUCT_SPILLS = {("fwd", "rows"): 128, ("dx", "wt", 128): 128, ("dx", "w", 256): 256}
+
+
 @pytest.mark.parametrize("K, N", [(64, 324), (64, 256), (128, 64), (256, 64)])
 def test_product_kernels_compile(K, N):
-    """At their launch configurations. The K = 256 input gradient spills ~200 bytes there,
-    the 128-row forward ~120, and each was still the fastest configuration measured
-    (docs/results/triton-products-h200/, docs/results/products-rows-h200/)."""
+    """At their launch configurations; spilling no more than PRODUCT_SPILLS allows."""
     from benchmarks.sm90 import ptxas_resources
     from models import products_triton as k
+    from models.split_gradient import padded_width
 
     common = dict(M=120_000, N=N, K=K)
-    stride = -(-N // 16) * 16  # the padded rows of products_triton.padded_rows
+    stride = padded_width(N)  # the rows of the products' outputs and in_proj's gradient
     for op in ("fwd", "dx"):
         config = k.launch_config(op, K, N)
         variant = config.pop("variant")
@@ -148,7 +153,8 @@ def test_product_kernels_compile(K, N):
         ptx = compile_for_sm90(kernel, options=options, **args, **config, **common)
         resources = ptxas_resources(ptx)
         assert 16 <= resources["registers"] <= 255, (op, resources)
-        assert resources["spill_stores"] <= 256, (op, resources)
+        allowed = PRODUCT_SPILLS.get((op, variant), PRODUCT_SPILLS.get((op, variant, K), 0))
+        assert resources["spill_stores"] <= allowed, (op, variant, resources)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
