@@ -225,6 +225,13 @@ def available_backends(device: torch.device) -> list[str]:
     return ["triton", "torch"] if triton_available() else ["torch"]
 
 
+def error_text(err: Exception) -> str:
+    """A failed stage's error for the table: its type and the first line of its message
+    (the type alone when the message is empty)."""
+    first = (str(err).splitlines() or [""])[0][:300]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def parse_models(text: str | None, device: torch.device) -> list[Variant]:
     """`--models` -> table rows, in the order given.
 
@@ -492,7 +499,7 @@ class Benchmark:
         except Exception as err:
             unavailable = isinstance(err, ImportError)
             row.update(status="unavailable" if unavailable else "error")
-            row["errors"]["build"] = f"{type(err).__name__}: {err}"
+            row["errors"]["build"] = error_text(err)
             self.log(f"{variant.label}: {row['status']}: {row['errors']['build']}")
             if not unavailable:
                 traceback.print_exc()
@@ -511,7 +518,7 @@ class Benchmark:
             try:
                 stage(state, row)
             except Exception as err:  # one failing stage keeps the others
-                row["errors"][name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                row["errors"][name] = error_text(err)
                 self.log(f"{variant.label}: {name} failed: {row['errors'][name]}")
                 traceback.print_exc()
                 if self.device.type == "cuda":

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from models.split_gradient import gradient_buffer
-from models.triton_vectors import optional_vector
+from models.triton_vectors import optional_vector, row_sums
 
 TAPS = tl.constexpr(4)  # the widest kernel the Triton path takes (as mamba-ssm's causal_conv1d)
 
@@ -230,6 +230,6 @@ class CausalConvHardswish(torch.autograd.Function):
             *x.stride(), *dy.stride(), *dx.stride(),
             K=K, HAS_XBIAS=has_x_bias, **options,
         )  # fmt: skip
-        sums = partials.sum(-1)  # (K + 1 + has_x_bias, C)
+        sums = row_sums(partials)  # (K + 1 + has_x_bias, C)
         dx_bias = sums[K + 1] if has_x_bias else None
         return dx, sums[:K].T.reshape(channels, 1, K), sums[K], dx_bias, None

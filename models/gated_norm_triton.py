@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from models.split_gradient import gradient_buffer
-from models.triton_vectors import as_rows
+from models.triton_vectors import as_rows, row_sums
 
 # Rows per program and warps, per kernel. `python -m benchmarks.norm_kernels --sweep`
 # times the alternatives.
@@ -139,7 +139,7 @@ class GatedRMSNorm(torch.autograd.Function):
             M, N, x2.stride(0), z2.stride(0), dy2.stride(0), dx.stride(0), dz.stride(0),
             HAS_ZBIAS=z_bias is not None, BLOCK_N=triton.next_power_of_2(N), **options,
         )  # fmt: skip
-        sums = partials.sum(-1)
+        sums = row_sums(partials)
         dz_bias = None if z_bias is None else sums[1].to(z_bias.dtype)
         return dx.view(x_shape), dz.view(z_shape), sums[0].to(weight.dtype), None, dz_bias, None
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from models.causal_conv_triton import hardswish, hardswish_grad
 from models.triton_dropout import check_elements, dropout_seed
-from models.triton_vectors import optional_vector
+from models.triton_vectors import optional_vector, row_sums
 
 QUARTER_ELEMENTS = 1024  # rows x BLOCK_N of each of a row group's four blocks
 # Row groups per program: one forward (most programs in flight); more backward, for fewer
@@ -157,5 +157,5 @@ class HardswishDropout(torch.autograd.Function):
             HAS_BIAS=bias is not None, HAS_DROPOUT=ctx.p > 0,
             QROWS=qrows, BLOCK_N=block_n, GROUPS=BWD_GROUPS,
         )  # fmt: skip
-        dbias = None if bias is None else db_partial.sum(1).to(bias.dtype)
+        dbias = None if bias is None else row_sums(db_partial).to(bias.dtype)
         return dx, None, dbias

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from models.triton_dropout import check_elements, dropout_seed
-from models.triton_vectors import as_rows, optional_vector
+from models.triton_vectors import as_rows, optional_vector, row_sums
 
 QUARTER_ELEMENTS = 2048  # rows x BLOCK_N of each of a program's four row blocks; the
 # dropout draws are numbered by it, so forward and backward share it
@@ -264,7 +264,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
             HAS_DROPOUT=ctx.p > 0, QROWS=qrows, BLOCK_N=block_n,
             **LAUNCH_OPTIONS["_dropout_add_layer_norm_bwd"],
         )  # fmt: skip
-        sums = partials.sum(-1)  # (2 or 3, N)
+        sums = row_sums(partials)  # (2 or 3, N)
         dweight = sums[0].to(weight.dtype)
         dbias = sums[1].to(bias_dtype)
         dx_bias = sums[2].to(x_bias.dtype) if x_bias is not None else None

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_vectors import row_sums
 from ssd import unpack_xbc
 
 
@@ -375,7 +376,7 @@ class FusedSSD(torch.autograd.Function):
             NCHUNKS=nchunks, NHEADS=nheads, HAS_D=D is not None, **flags,
             **LAUNCH_OPTIONS["_ssd_bwd_chunk"],
         )  # fmt: skip
-        sums = sums.sum(-1)  # (H, 3): dD, dA, d dt_bias
+        sums = row_sums(sums)  # (H, 3): dD, dA, d dt_bias
         dD = sums[:, 0].to(D.dtype) if D is not None else None
         dA = sums[:, 1].to(ctx.a_dtype)
         d_dt_bias = sums[:, 2].to(dt_bias.dtype) if dt_bias is not None else None

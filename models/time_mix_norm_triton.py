@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_vectors import row_sums
+
 # Rows per program and warps per kernel. `python -m benchmarks.norm_kernels --sweep`
 # times the alternatives.
 LAUNCH_OPTIONS: dict[str, dict] = {
@@ -219,5 +221,5 @@ class TimeMixNorm(torch.autograd.Function):
             GATE_PER_ROW=ctx.per_row, PREFIX=ctx.prefix, BLOCK_L=triton.next_power_of_2(L),
             **options,
         )  # fmt: skip
-        sums = partials.sum(-1)  # (2, L)
+        sums = row_sums(partials)  # (2, L)
         return dgate, dt, dtheta, sums[0].to(weight.dtype), sums[1].to(ctx.bias_dtype), None, None

@@ -298,6 +298,13 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert "error: build: RuntimeError: broken on purpose" in table
 
 
+def test_errors_without_a_message_are_reported():
+    """A stage failing with an empty message (a bare assert) is recorded by its type; the
+    row's other stages still run."""
+    assert benchmark.error_text(AssertionError()) == "AssertionError"
+    assert benchmark.error_text(ValueError("bad\nmore")) == "ValueError: bad"
+
+
 def test_training_mode_rows_run_on_the_device_loader(tmp_path, monkeypatch):
     code, result, table = _run(
         tmp_path, monkeypatch, "--models", "TiM4Rec:fp32:all,SSD4Rec:device", "--threads", "1"
@@ -379,6 +386,15 @@ def test_linear_products_are_the_blocks_products():
         ("ffn W1", 64, 256),
         ("ffn W2", 256, 64),
     ]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            main([])
+
+
+def test_partial_sums_benchmark_needs_cuda():
+    from benchmarks.partial_sums import SHAPES, main
+
+    assert all(len(shape) >= 2 for shape in SHAPES)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             main([])

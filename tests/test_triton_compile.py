@@ -157,6 +157,13 @@ def test_product_kernels_compile(K, N):
         assert resources["spill_stores"] <= allowed, (op, variant, resources)
 
 
+def test_row_sums_kernel_compiles():
+    from models import triton_vectors as k
+
+    compile_for_sm90(k._row_sums, options=dict(num_warps=4), x_ptr=F32, y_ptr=F32, P=2813,
+                     BLOCK_P=1024)  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("prefix", [True, False])
 def test_time_mix_norm_kernels_compile_without_spills(dtype, prefix):
