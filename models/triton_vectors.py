@@ -44,7 +44,7 @@ def row_sums(partials: torch.Tensor) -> torch.Tensor:
 
     The fused kernels' weight and bias gradients leave one partial sum per program, rows
     of a few hundred to a few thousand; PyTorch's `sum(-1)` takes 3-6 us on them on an
-    H200 and this 1.5-2.6 us (one program per row; docs/performance_notes.md, "Partial
+    H200 and this 1.5-2.8 us (one program per row; docs/performance_notes.md, "Partial
     sums on Triton"), some 18 times per training step.
     """
     if partials.dtype != torch.float32 or not partials.is_contiguous():

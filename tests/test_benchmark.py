@@ -299,8 +299,8 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_errors_without_a_message_are_reported():
-    """A stage failing with an empty message (a bare assert) is recorded by its type; the
-    row's other stages still run."""
+    """A stage's error with an empty message (a bare assert) is recorded by its type (its
+    formatting used to raise IndexError); otherwise by type and first line."""
     assert benchmark.error_text(AssertionError()) == "AssertionError"
     assert benchmark.error_text(ValueError("bad\nmore")) == "ValueError: bad"
 
