@@ -46,6 +46,7 @@ from models import triton_autotune
 from models.backend import triton_available
 from pipeline.config import REPO_ROOT, build_config, parse_value
 from pipeline.data import load_data
+from pipeline.inference import InferenceError, Recommender
 from pipeline.precision import PRECISIONS
 from pipeline.registry import SSD_MODELS, get_model_class, model_names
 from pipeline.sequence_batches import ALL_POSITIONS, make_train_loader
@@ -565,7 +566,7 @@ class Benchmark:
                 allow_tf32=torch.backends.cuda.matmul.allow_tf32,
             )  # fmt: skip
         return {"config": config, "model": model, "trainer": trainer, "train": train,
-                "valid": valid, "test": test, "variant": variant}  # fmt: skip
+                "valid": valid, "test": test, "variant": variant, "dataset": dataset}  # fmt: skip
 
     def amp(self, state: dict):
         return measure.autocast(self.device, state["variant"].precision)
@@ -737,33 +738,57 @@ class Benchmark:
         self.log(f"{state['variant'].label}: full-ranking eval {row['eval_s']:.2f} s")
 
     def measure_latency(self, state: dict, row: dict) -> None:
-        """One user's history (the longest in the test split), batch of 1: host tensors to
-        the device, full_sort_predict, top-k, indices back to the host."""
-        model, device = state["model"], self.device
+        """One user's history (the longest in the test split), k = the largest topk: through
+        the single-history API users call, `pipeline.inference.Recommender.recommend` (raw
+        item ids in, (id, score) pairs out; its CUDA graph on CUDA), and as the model's
+        eager full_sort_predict + top-k on a batch of 1 (`latency_eager_ms`)."""
+        model, config, device = state["model"], state["config"], self.device
         batch = next(iter(state["test"]))[0]
         longest = int(torch.argmax(batch[model.ITEM_SEQ_LEN]))
         user = batch[longest : longest + 1]
-        k = max(state["config"]["topk"])
+        k = max(config["topk"])
         model.eval()
 
-        def score():
+        def eager():
             with torch.no_grad(), self.amp(state):
                 scores = model.full_sort_predict(user.to(device)).view(1, -1)
                 return torch.topk(scores, k).indices.cpu()
 
-        _, first = measure.wall(score, device)
+        eager_ms, first = self.time_latency(eager)
+        length = int(user[model.ITEM_SEQ_LEN][0])
+        tokens = list(state["dataset"].field2id_token[config["ITEM_ID_FIELD"]])
+        items = [tokens[i] for i in user[model.ITEM_SEQ][0, :length].tolist()]
+        time_field = config["TIME_FIELD"] + config["LIST_SUFFIX"]
+        times = user[time_field][0, :length].tolist() if time_field in user.interaction else None
+        row.update(latency_eager_ms=eager_ms, latency_first_call_s=first,
+                   latency_history_length=length)  # fmt: skip
+        start = time.perf_counter()
+        try:
+            with self.amp(state):  # a bf16 row's graph is captured under its autocast
+                served = Recommender(model, config, tokens)
+        except InferenceError as err:  # e.g. a per-user embedding: the eager path only
+            row.update(latency_ms=eager_ms, latency_path=f"full_sort_predict ({err})")
+            return
+        row["latency_setup_s"] = time.perf_counter() - start
+
+        def recommend():
+            with self.amp(state):
+                return served.recommend(items, times, k=k)
+
+        row["latency_ms"], _ = self.time_latency(recommend)
+        row["latency_path"] = "Recommender" + (" (CUDA graph)" if served.cuda_graph else "")
+
+    def time_latency(self, call) -> tuple[dict, float]:
+        """(summary of `call`'s wall-clock ms after 5 warm-up calls, its first call's s)."""
+        _, first = measure.wall(call, self.device)
         for _ in range(5):
-            score()
+            call()
         times = []
         for _ in range(self.args.repeat):
             for _ in range(self.work.latency_calls):
-                times.append(measure.wall(score, device)[1])
+                times.append(measure.wall(call, self.device)[1])
         stats = measure.summary(times)
-        row.update(
-            latency_ms={key: (1e3 * v if key != "n" else v) for key, v in stats.items()},
-            latency_first_call_s=first,
-            latency_history_length=int(user[model.ITEM_SEQ_LEN][0]),
-        )
+        return {key: (1e3 * v if key != "n" else v) for key, v in stats.items()}, first
 
     @staticmethod
     def update_first_epoch(row: dict) -> None:

@@ -188,13 +188,14 @@ def masked_top_k(
 
     Padding (index 0) and the (row, item) pairs in `seen` are never returned; rows left with
     fewer than k candidates get -inf scores in their last places (callers drop those).
+    Scores come back as float32 whatever the model's output dtype (bf16 under autocast).
     """
     scores[:, 0] = -torch.inf
     if seen is not None and len(seen[0]):
         rows, cols = (torch.from_numpy(a).to(scores.device) for a in seen)
         scores[rows, cols] = -torch.inf
     values, index = torch.topk(scores, k, dim=1)  # (B, k)
-    return values.cpu().numpy(), index.cpu().numpy()
+    return values.float().cpu().numpy(), index.cpu().numpy()
 
 
 class Recommender:
@@ -444,6 +445,11 @@ class Recommender:
             warnings.warn(f"CUDA graph capture failed, scoring eagerly: {err}", stacklevel=3)
             return None
         return graph, scores
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether single histories are scored by replaying a captured CUDA graph."""
+        return self._graph is not None
 
     def _interaction(self, chunk: list) -> Interaction:
         host = self._host_tensors(len(chunk))

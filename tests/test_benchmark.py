@@ -275,6 +275,14 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
         raise AssertionError("checkpoint written during the benchmark")
 
     monkeypatch.setattr(trainer_module, "save_checkpoint", no_saving)
+    served = benchmark.Recommender
+
+    def recommender(model, *args, **kwargs):  # a model the users' API refuses: eager latency
+        if type(model).__name__ == "SASRec":
+            raise benchmark.InferenceError("refused on purpose")
+        return served(model, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "Recommender", recommender)
     code, result, table = _run(
         tmp_path, monkeypatch, "--models", "TiM4Rec:fp32,GRU4Rec,SASRec", "--threads", "1"
     )
@@ -288,7 +296,11 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
         assert row["epoch_s"] > 0 and row["epoch_steps"] == 3  # the smoke cap, extrapolated
         assert row["eval_s"] > 0 and row["eval_users"] == 40
         assert 0 < row["latency_ms"]["median"] <= row["latency_ms"]["p99"]
+        assert 0 < row["latency_eager_ms"]["median"] <= row["latency_eager_ms"]["p99"]
         assert row["first_epoch_extra_s"] >= 0
+    assert rows["TiM4Rec"]["latency_path"] == "Recommender"  # the users' API, eager on CPU
+    assert rows["SASRec"]["latency_path"] == "full_sort_predict (refused on purpose)"
+    assert rows["SASRec"]["latency_ms"] == rows["SASRec"]["latency_eager_ms"]
     assert rows["TiM4Rec"]["floor"]["training_flops"] > 0  # no GPU peak: FLOPs only
     assert result["floor"]["fp32"]["training_bytes"] > 0
     assert result["meta"]["data"]["users"] == 40

@@ -411,6 +411,19 @@ def test_api_same_on_gpu(tim):
         ]
 
 
+def test_api_under_bf16_autocast_returns_float_scores(tim):
+    """Scores of a bf16 forward (a caller's autocast) come back as Python floats, in the
+    float32 order of the bf16 values."""
+    _, path = tim
+    rec = Recommender.from_checkpoint(path)
+    items, times = random_history(item_tokens(path), 6, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        top = rec.recommend(items, times, k=5)
+    scores = [s for _, s in top]
+    assert len(top) == 5 and all(isinstance(s, float) for s in scores)
+    assert scores == sorted(scores, reverse=True)
+
+
 @pytest.mark.gpu
 def test_cuda_graph_matches_eager(tim):
     _, path = tim
