@@ -566,7 +566,7 @@ class Benchmark:
                 allow_tf32=torch.backends.cuda.matmul.allow_tf32,
             )  # fmt: skip
         return {"config": config, "model": model, "trainer": trainer, "train": train,
-                "valid": valid, "test": test, "variant": variant, "dataset": dataset}  # fmt: skip
+                "valid": valid, "test": test, "variant": variant}  # fmt: skip
 
     def amp(self, state: dict):
         return measure.autocast(self.device, state["variant"].precision)
@@ -756,7 +756,7 @@ class Benchmark:
 
         eager_ms, first = self.time_latency(eager)
         length = int(user[model.ITEM_SEQ_LEN][0])
-        tokens = list(state["dataset"].field2id_token[config["ITEM_ID_FIELD"]])
+        tokens = state["trainer"].item_tokens  # raw item ids, as a checkpoint stores them
         items = [tokens[i] for i in user[model.ITEM_SEQ][0, :length].tolist()]
         time_field = config["TIME_FIELD"] + config["LIST_SUFFIX"]
         times = user[time_field][0, :length].tolist() if time_field in user.interaction else None
