@@ -529,6 +529,7 @@ class Benchmark:
         self.finish_row(state, row)
         del state
         gc.collect()
+        measure.release_cublas_workspaces(self.device)  # no graph of this row is left
 
     def build(self, variant: Variant, row: dict) -> dict:
         extra = {BACKEND_KEYS[variant.model]: variant.backend} if variant.backend else {}

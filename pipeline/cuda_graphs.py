@@ -8,9 +8,17 @@ one launch, so the step costs the GPU's time.
 
 Graphs need fixed shapes: DeviceTrainLoader pads its batches (`pad_batches`) to a few
 shapes, padding rows that the loss ignores (label -100), so the loss and the gradients
-are those of the unpadded batch. One graph pair is captured per shape
-(`torch.cuda.make_graphed_callables`), all in one memory pool; dropout stays random
-(PyTorch's generator advances at every replay).
+are those of the unpadded batch. One graph pair (forward, backward) is captured per shape,
+all in one memory pool; dropout stays random (PyTorch's generator advances at every
+replay).
+
+Warm-up and capture run on one stream per GraphedTrainingLoss. cuBLAS keeps a 32 MiB
+workspace per (thread, stream) it has run on, for the life of the process (torch 2.11);
+`torch.cuda.make_graphed_callables` warms up on a fresh pooled stream at every call, so
+each captured shape used to leave ~64 MiB allocated after training ended (0.41 GiB after
+one benchmark row, docs/performance_notes.md). One stream per loss leaves one set. Not
+one stream per process: later torch releases free a stream's workspaces when any graph
+captured on it is destroyed (pytorch/pytorch#193402), under other owners' live graphs.
 """
 
 from __future__ import annotations
@@ -22,22 +30,70 @@ from logging import getLogger
 import torch
 from recbole.data.interaction import Interaction
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from pipeline.precision import autocast
 
 
-class _LossOfTensors(nn.Module):
-    """model.calculate_loss as a function of the batch's tensors (what graphs capture)."""
+class _ReplayLoss(torch.autograd.Function):
+    """The captured loss as an autograd node: forward replays the forward graph, backward
+    the backward graph, which writes the parameters' gradients."""
 
-    def __init__(self, model: nn.Module, fields: tuple[str, ...], autocast: Callable) -> None:
-        super().__init__()
-        self.model = model
-        self.fields = fields
-        self.autocast = autocast
+    @staticmethod
+    def forward(ctx, captured: _CapturedLoss, *params: torch.Tensor) -> torch.Tensor:
+        ctx.captured = captured
+        captured.forward_graph.replay()
+        return captured.loss.detach()
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model.calculate_loss(Interaction(dict(zip(self.fields, tensors))))
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, loss_grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        captured = ctx.captured
+        if captured.loss_grad.data_ptr() != loss_grad.data_ptr():
+            captured.loss_grad.copy_(loss_grad)
+        captured.backward_graph.replay()
+        return (None, *(None if g is None else g.detach() for g in captured.grads))
+
+
+class _CapturedLoss:
+    """One batch shape's loss, its forward and backward pass recorded as two CUDA graphs
+    on static input buffers."""
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., torch.Tensor],
+        params: tuple[nn.Parameter, ...],
+        inputs: tuple[torch.Tensor, ...],
+        stream: torch.cuda.Stream,
+        pool: tuple,
+        warmup_steps: int = 3,
+    ) -> None:
+        self.params = params
+        self.inputs = tuple(t.clone() for t in inputs)  # static buffers the graphs read
+        # Compile, autotune and allocate workspaces before capture, on the capture stream.
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup_steps):
+                loss = loss_fn(*self.inputs)
+                torch.autograd.grad(loss, params, allow_unused=True)
+            del loss
+        torch.cuda.current_stream().wait_stream(stream)
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream):
+            self.loss = loss_fn(*self.inputs)  # () static output
+        self.loss_grad = torch.empty_like(self.loss)
+        self.backward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.backward_graph, pool=pool, stream=stream):
+            # Unused parameters (the last layer's time-path outputs feed nothing) get None.
+            self.grads = torch.autograd.grad(
+                self.loss, params, grad_outputs=self.loss_grad, allow_unused=True
+            )
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        for buffer, tensor in zip(self.inputs, inputs):
+            if buffer.data_ptr() != tensor.data_ptr():
+                buffer.copy_(tensor)
+        return _ReplayLoss.apply(self, *self.params)
 
 
 class GraphedTrainingLoss:
@@ -47,8 +103,9 @@ class GraphedTrainingLoss:
     def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
         self.model = model
         self.precision = precision
-        self.graphs: dict[tuple, nn.Module] = {}
+        self.graphs: dict[tuple, _CapturedLoss] = {}
         self.pool = None
+        self.stream = None  # every warm-up and capture of this loss, see the module doc
 
     def autocast(self) -> contextlib.AbstractContextManager:
         # Graph capture cannot keep autocast's cache of cast weights: replays would read
@@ -58,22 +115,23 @@ class GraphedTrainingLoss:
     def __call__(self, interaction: Interaction) -> torch.Tensor:
         fields = tuple(sorted(interaction.interaction))
         tensors = tuple(interaction[f] for f in fields)
-        key = tuple((f, t.shape, t.dtype) for f, t in zip(fields, tensors))
-        graphed = self.graphs.get(key)
-        if graphed is None:
-            graphed = self._capture(fields, tensors)
-            self.graphs[key] = graphed
-        graphed.train(self.model.training)
-        return graphed(*tensors)
+        key = (self.model.training, *((f, t.shape, t.dtype) for f, t in zip(fields, tensors)))
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self._capture(fields, tensors)
+            self.graphs[key] = captured
+        return captured(tensors)
 
-    def _capture(self, fields: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> nn.Module:
+    def _capture(self, fields: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> _CapturedLoss:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        module = _LossOfTensors(self.model, fields, self.autocast)
-        module.train(self.model.training)
+            self.stream = torch.cuda.Stream(tensors[0].device)
         shapes = {f: tuple(t.shape) for f, t in zip(fields, tensors)}
         getLogger().info(f"capturing a CUDA graph of the training step for shapes {shapes}")
-        # Unused parameters: the last layer's time-path outputs feed nothing.
-        return torch.cuda.make_graphed_callables(
-            module, tensors, allow_unused_input=True, pool=self.pool
-        )
+
+        def loss_fn(*inputs: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return self.model.calculate_loss(Interaction(dict(zip(fields, inputs))))
+
+        params = tuple(p for p in self.model.parameters() if p.requires_grad)
+        return _CapturedLoss(loss_fn, params, tensors, self.stream, self.pool)

@@ -429,14 +429,16 @@ class Recommender:
             with torch.inference_mode():
                 eager = self._score_one(example, times).clone()
                 current = torch.cuda.current_stream(self.device)
-                side = torch.cuda.Stream(self.device)  # warm-up off the capture stream
-                side.wait_stream(current)
-                with torch.cuda.stream(side):
+                # Warm-up and capture on one stream of this Recommender's: cuBLAS keeps a
+                # workspace per stream for the life of the process (pipeline/cuda_graphs.py).
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(current)
+                with torch.cuda.stream(stream):
                     for _ in range(3):
                         self.model.full_sort_predict(interaction)
-                current.wait_stream(side)
+                current.wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, stream=stream):
                     scores = self.model.full_sort_predict(interaction).view(1, -1)  # (1, V)
                 graph.replay()
                 if not torch.allclose(scores, eager, rtol=1e-4, atol=1e-4):

@@ -415,6 +415,56 @@ def test_graphed_training_steps_match_eager_ones(ml100k_slice, positions, precis
     print(f"\n[gpu] {positions} {precision}: {len(graphed.graphs)} graph(s), losses match")
 
 
+class _LinearLoss(torch.nn.Module):
+    """Two linear layers and a cross-entropy: a loss that runs on cuBLAS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(32, 128)
+        self.out = torch.nn.Linear(128, 500)
+
+    def calculate_loss(self, interaction: Interaction) -> torch.Tensor:
+        logits = self.out(torch.relu(self.hidden(interaction["x"])))
+        return torch.nn.functional.cross_entropy(logits, interaction["y"])
+
+
+@pytest.mark.gpu
+def test_graphed_loss_leaves_one_stream_of_cublas_workspaces():
+    """Capturing four batch shapes leaves at most one stream's cuBLAS workspaces allocated
+    once training ends (a forward and a backward thread, cuBLAS and cuBLASLt), not one set
+    per shape as make_graphed_callables' fresh warm-up streams did (~260 MiB here)."""
+    import gc
+
+    from pipeline.cuda_graphs import GraphedTrainingLoss
+
+    cuda = torch.device("cuda")
+
+    def batch(rows: int) -> Interaction:
+        x = torch.randn(rows, 32, device=cuda)
+        return Interaction({"x": x, "y": torch.randint(0, 500, (rows,), device=cuda)})
+
+    _LinearLoss().to(cuda).calculate_loss(batch(8)).backward()  # default-stream workspaces
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(cuda)
+    model = _LinearLoss().to(cuda)
+    graphed = GraphedTrainingLoss(model)
+    for rows in (64, 128, 192, 256):
+        for _ in range(2):
+            model.zero_grad()
+            graphed(batch(rows)).backward()
+    assert len(graphed.graphs) == 4
+    del model, graphed
+    gc.collect()
+    torch.cuda.synchronize()
+    left = torch.cuda.memory_allocated(cuda) - before
+    # newer torch reports the workspace size (2.14 does); on Hopper 2.11 uses 32 MiB
+    workspace = getattr(torch._C, "_cuda_getCublasWorkspaceSize", lambda: 32 * 2**20)()
+    one_stream = 4 * workspace
+    print(f"\n[gpu] left after training: {left / 2**20:.1f} MiB (bound {one_stream / 2**20:.0f})")
+    assert left <= one_stream
+
+
 @pytest.mark.gpu
 def test_training_with_cuda_graphs_learns(ml_tiny, tmp_path):
     result = train(
