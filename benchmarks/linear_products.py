@@ -61,16 +61,20 @@ def measure_product(
     rows: int, k: int, n: int, dtype: torch.dtype, device, kernel: str = "cublas"
 ) -> dict[str, float]:
     """GPU us of one product's forward, dX, dW and bias sum; with kernel "triton" the
-    forward and dX of float32 products are models/products_triton.py's (as the model
-    runs them: dW and bf16 stay on cuBLAS)."""
+    float32 products are models/products_triton.py's (as the model runs them: bf16 stays
+    on cuBLAS)."""
     x = torch.randn(rows, k, device=device, dtype=dtype)
     w = torch.randn(n, k, device=device, dtype=dtype)
     dy = torch.randn(rows, n, device=device, dtype=dtype)
     calls = {"forward": lambda: x @ w.t(), "dX": lambda: dy @ w, "dW": lambda: dy.t() @ x}
     if kernel == "triton" and dtype == torch.float32:
-        from models.products_triton import product_dx, product_fwd
+        from models.products_triton import product_dw, product_dx, product_fwd
 
-        calls.update(forward=lambda: product_fwd(x, w), dX=lambda: product_dx(dy, w))
+        calls.update(
+            forward=lambda: product_fwd(x, w),
+            dX=lambda: product_dx(dy, w),
+            dW=lambda: product_dw(dy, x),
+        )
     calls["bias sum"] = lambda: dy.sum(0, dtype=torch.float32)
     return {op: time_us(fn, device) for op, fn in calls.items()}
 
@@ -80,14 +84,14 @@ def sweep(rows: int, hidden: int, device) -> None:
     us, the default configuration's and the fastest."""
     from models import products_triton as k
 
-    ops = {"fwd": k.product_fwd, "dx": k.product_dx}
+    ops = {"fwd": k.product_fwd, "dx": k.product_dx, "dw": k.product_dw}
     print("| product | op | default us | best us | best configuration |")
     print("|---|---|---|---|---|")
     for name, width, n in layer_products(hidden):
         x = torch.randn(rows, width, device=device)
         w = torch.randn(n, width, device=device)
         dy = torch.randn(rows, n, device=device)
-        operands = {"fwd": (x, w), "dx": (dy, w)}
+        operands = {"fwd": (x, w), "dx": (dy, w), "dw": (dy, x)}
         for op, fn in ops.items():
             a, b = operands[op]
             default = time_us(partial(fn, a, b), device)
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         sweep(args.rows, args.hidden, device)
         return
-    kernel = args.blas if args.kernel == "cublas" else "Triton forward and dX in float32"
+    kernel = args.blas if args.kernel == "cublas" else "Triton products in float32"
     print(f"{torch.cuda.get_device_name()}, {kernel}, {args.rows:,} rows; GPU us per call")
     print("| product | dtype | forward | dX | dW | bias sum | TFLOP/s fwd / dX / dW | TB/s fwd |")
     print("|---|---|---|---|---|---|---|---|")

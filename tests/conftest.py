@@ -94,16 +94,26 @@ def needs_triton_kernels() -> None:
         pytest.skip("mamba-ssm's Triton kernels are not installed")
 
 
-# Triton's interpreter holds a kernel's integer arguments as 1-element arrays and makes
-# them Python ints (`range(0, n, step)` in a kernel) with int(array), which numpy >= 2.4
-# refuses for arrays of one dimension: take the element instead.
-INTERPRETER_INDEX_FIX = """
+# Two fixes to Triton's interpreter (3.6-3.8), prepended to the code it runs:
+# - it holds a kernel's integer arguments as 1-element arrays and makes them Python ints
+#   (`range(0, n, step)` in a kernel) with int(array), which numpy >= 2.4 refuses for
+#   arrays of one dimension: take the element instead;
+# - it stores bfloat16 as uint16 bit patterns and multiplies those in tl.dot (products of
+#   ~1e10 for unit values): widen bfloat16 operands to float32 first.
+INTERPRETER_FIXES = """
+import triton.language as _tl
 import triton.runtime.interpreter as _interpreter
 _patch = _interpreter._patch_lang_tensor
 def _patch_lang_tensor(tensor, scope):
     _patch(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 _interpreter._patch_lang_tensor = _patch_lang_tensor
+_dot = _interpreter.InterpreterBuilder.create_dot
+def _create_dot(self, a, b, d, *args):
+    a, b = (self.cast_impl(t, _tl.float32) if t.dtype.scalar == _tl.bfloat16 else t
+            for t in (a, b))
+    return _dot(self, a, b, d, *args)
+_interpreter.InterpreterBuilder.create_dot = _create_dot
 """
 
 
@@ -113,7 +123,7 @@ def run_in_triton_interpreter(code: str) -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_INDEX_FIX + code],
+        [sys.executable, "-c", INTERPRETER_FIXES + code],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

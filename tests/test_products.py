@@ -1,5 +1,5 @@
 """The Triton matrix products (models/products_triton.py) against float64 F.linear: the
-product and both gradients in float32 (tf32x3 forward and input gradient, cuBLAS weight
+product and both gradients in float32 (tf32x3 forward and input gradient, bf16x6 weight
 gradient); the dispatch `models.layers.product`.
 
 On CUDA (marked gpu) and, where Triton is installed, on CPU through its interpreter.
@@ -77,6 +77,50 @@ def test_products_match_float64_on_gpu(shape):
     assert max(errors.values()) < 1e-5, errors
 
 
+# (rows, K, N) of the weight gradient: ragged tiles and splits, each layer's widths, and
+# the step's 120,000 rows (over the float32 error of long sums).
+DW_SHAPES = [(5, 3, 7), (1100, 64, 324), (700, 128, 64), (613, 64, 256), (4500, 256, 64)]
+DW_SHAPES += [(120_000, 64, 324)]
+
+
+def check_weight_gradient(device: str, shape: tuple) -> None:
+    """product_dw at its launch configuration and each of the sweep's against float64: as
+    accurate as float32 cuBLAS on the GPU (within 2x; float32 on CPU), and bit for bit the
+    same on a second call (fixed-order partial sums); dY a column slice of wider rows, as
+    in_proj's shared gradient is."""
+    from models import products_triton as k
+
+    rows, width, n = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+    dy = torch.randn(rows, n + 12, generator=gen, dtype=torch.float64)[:, :n]
+    want = dy.t() @ x
+    x32, dy32 = x.to(device, torch.float32), dy.to(device, torch.float32)
+    plain = relative_error(dy32.t() @ x32, want)
+    for config in [k.launch_config("dw", width, n), *k.sweep_configs("dw", width, n)]:
+        got = k.product_dw(dy32, x32, config)
+        assert got.shape == (n, width) and got.dtype == torch.float32
+        error = relative_error(got, want)
+        assert error < max(2 * plain, 1e-6), (config, error, plain)
+        assert torch.equal(got, k.product_dw(dy32, x32, config)), config
+
+
+def test_weight_gradient_in_interpreter():
+    code = (
+        "from tests.test_products import DW_SHAPES, check_weight_gradient\n"
+        "for shape in DW_SHAPES[:4]:\n"
+        "    check_weight_gradient('cpu', shape)\n"
+        "print('ok')\n"
+    )
+    run_in_triton_interpreter(code)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", DW_SHAPES)
+def test_weight_gradient_matches_float64_on_gpu(shape):
+    check_weight_gradient("cuda", shape)
+
+
 @pytest.mark.gpu
 def test_the_dispatch_keeps_wide_products_on_cublas_on_gpu():
     """Reductions over more than MAX_K columns (a model of width 128: W2 reduces over
@@ -106,10 +150,10 @@ def test_the_dispatch_keeps_bf16_autocast_on_cublas_on_gpu():
 
 
 def check_sweep_configs(device: str) -> dict:
-    """Each launch configuration of products_triton.SWEEP (both forward and both
-    input-gradient variants) on a ragged in_proj-like product: the largest relative error
-    of y and dx against float64, per configuration, and the largest |value| the forward
-    leaves in its rows' padding (written as zeros)."""
+    """Each launch configuration of products_triton.SWEEP (the forward's, the input
+    gradient's and the weight gradient's variants) on a ragged in_proj-like product: the
+    relative error of y, dx or dw against float64, per configuration, and the largest
+    |value| the forward leaves in its rows' padding (written as zeros)."""
     from models import products_triton as k
 
     rows, width, n = 300, 64, 100
@@ -126,6 +170,9 @@ def check_sweep_configs(device: str) -> dict:
     for config in k.sweep_configs("dx", width, n):
         dx = k.product_dx(fast["d"], fast["w"], config)
         errors[f"dx {config}"] = relative_error(dx, dy @ w)
+    for config in k.sweep_configs("dw", width, n):
+        dw = k.product_dw(fast["d"], fast["x"], config)
+        errors[f"dw {config}"] = relative_error(dw, dy.t() @ x)
     return errors
 
 
