@@ -127,36 +127,45 @@ def test_ptxas_reports_registers_and_spills():
 PRODUCT_SPILLS = {("fwd", "rows"): 128, ("dx", "wt", 128): 128, ("dx", "w", 256): 256}
 
 
+def compile_product(op: str, K: int, N: int, config: dict) -> str:
+    """PTX of the products_triton kernel that runs `op` ("fwd", "dx", "dw") k -> n at a
+    Triton launch configuration (launch_config's or the sweep's), at the step's rows and
+    the model's row strides."""
+    from models import products_triton as k
+    from models.split_gradient import padded_width
+
+    config = dict(config)
+    variant = config.pop("variant")
+    config.pop("waves", None)  # the grid, not the kernel
+    options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+    stride = padded_width(N)  # the rows of the products' outputs and in_proj's gradient
+    if op == "fwd":
+        kernel = k._product_fwd_rows if variant == "rows" else k._product_fwd
+        args = dict(x_ptr=F32, w_ptr=F32, y_ptr=F32, N_OUT=stride, s_xm=K, s_ym=stride)
+    elif op == "dx":
+        kernel = k._product_dx
+        s_w = N if variant == "wt" else K
+        args = dict(dy_ptr=F32, w_ptr=F32, dx_ptr=F32, s_dym=stride, s_dxm=K, s_w=s_w,
+                    W_TRANSPOSED=variant == "wt", BF16X6=variant == "w6")  # fmt: skip
+    else:
+        kernel = k._product_dw
+        args = dict(dy_ptr=F32, x_ptr=F32, part_ptr=F32, s_dym=stride, s_xm=K,
+                    ROWS_PER_SPLIT=1024)  # fmt: skip
+    return compile_for_sm90(kernel, options=options, M=120_000, N=N, K=K, **args, **config)
+
+
 @pytest.mark.parametrize("K, N", [(64, 324), (64, 256), (128, 64), (256, 64)])
 def test_product_kernels_compile(K, N):
     """At their launch configurations; spilling no more than PRODUCT_SPILLS allows."""
     from benchmarks.sm90 import ptxas_resources
     from models import products_triton as k
-    from models.split_gradient import padded_width
 
-    common = dict(M=120_000, N=N, K=K)
-    stride = padded_width(N)  # the rows of the products' outputs and in_proj's gradient
     for op in ("fwd", "dx", "dw"):
         config = k.launch_config(op, K, N)
-        variant = config.pop("variant")
+        variant = config["variant"]
         if variant == "cublas":  # no Triton kernel to compile
             continue
-        options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-        if op == "dw":
-            config.pop("waves")
-            kernel = k._product_dw
-            args = dict(dy_ptr=F32, x_ptr=F32, part_ptr=F32, s_dym=stride, s_xm=K,
-                        ROWS_PER_SPLIT=1024)  # fmt: skip
-        elif op == "fwd":
-            kernel = k._product_fwd_rows if variant == "rows" else k._product_fwd
-            args = dict(x_ptr=F32, w_ptr=F32, y_ptr=F32, N_OUT=stride, s_xm=K, s_ym=stride)
-        else:
-            kernel = k._product_dx
-            s_w = N if variant == "wt" else K
-            args = dict(dy_ptr=F32, w_ptr=F32, dx_ptr=F32, s_dym=stride, s_dxm=K, s_w=s_w,
-                        W_TRANSPOSED=variant == "wt", BF16X6=variant == "w6")  # fmt: skip
-        ptx = compile_for_sm90(kernel, options=options, **args, **config, **common)
-        resources = ptxas_resources(ptx)
+        resources = ptxas_resources(compile_product(op, K, N, config))
         assert 16 <= resources["registers"] <= 255, (op, resources)
         allowed = PRODUCT_SPILLS.get((op, variant), PRODUCT_SPILLS.get((op, variant, K), 0))
         assert resources["spill_stores"] <= allowed, (op, variant, resources)
@@ -171,21 +180,9 @@ def test_bf16x6_sweep_candidates_compile_to_wgmma(K, N):
 
     for op in ("dw", "dx"):
         for config in k.sweep_configs(op, K, N):
-            variant = config.pop("variant")
-            if variant not in ("bf16x6", "w6"):
-                continue
-            config.pop("waves", None)
-            options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-            if op == "dw":
-                kernel = k._product_dw
-                args = dict(dy_ptr=F32, x_ptr=F32, part_ptr=F32, s_dym=N, s_xm=K,
-                            ROWS_PER_SPLIT=1024)  # fmt: skip
-            else:
-                kernel = k._product_dx
-                args = dict(dy_ptr=F32, w_ptr=F32, dx_ptr=F32, s_dym=N, s_dxm=K, s_w=K,
-                            W_TRANSPOSED=False, BF16X6=True)  # fmt: skip
-            ptx = compile_for_sm90(kernel, options=options, M=120_000, N=N, K=K, **args, **config)
-            assert "wgmma.mma_async" in ptx and ".bf16" in ptx, (op, config)
+            if config["variant"] in ("bf16x6", "w6"):
+                ptx = compile_product(op, K, N, config)
+                assert "wgmma.mma_async" in ptx and ".bf16" in ptx, (op, config)
 
 
 def test_row_sums_kernel_compiles():

@@ -11,9 +11,10 @@ import os
 import sys
 
 from benchmarks.benchmark import main
+from benchmarks.linear_products import layer_products
 from models import products_triton
 
-SHAPES = {"in_proj": (64, 324), "out_proj": (128, 64), "ffn W1": (64, 256), "ffn W2": (256, 64)}
+SHAPES = {name: (k, n) for name, k, n in layer_products(64)}  # the sweep's rows, d = 64
 
 
 def sweep_winners(path: str) -> dict:
