@@ -176,6 +176,19 @@ def check_sweep_configs(device: str) -> dict:
     return errors
 
 
+# Relative error bounds of the sweep's configurations: the bf16x6 ones (dw's "bf16x6",
+# dx's "w6") carry float32's 24 bits (measured 1e-7 to 1.6e-7, as torch's float32 matmul);
+# tf32x3 drops more of the low-order products.
+SWEEP_BOUND, BF16X6_BOUND = 1e-5, 1e-6
+
+
+def sweep_errors_over_bound(errors: dict) -> dict:
+    def bound(name: str) -> float:
+        return BF16X6_BOUND if "'bf16x6'" in name or "'w6'" in name else SWEEP_BOUND
+
+    return {name: e for name, e in errors.items() if not e < bound(name)}
+
+
 def test_products_in_interpreter():
     """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
     code = (
@@ -190,9 +203,9 @@ def test_products_in_interpreter():
 
 def test_sweep_configurations_in_interpreter():
     code = (
-        "from tests.test_products import check_sweep_configs\n"
+        "from tests.test_products import check_sweep_configs, sweep_errors_over_bound\n"
         "errors = check_sweep_configs('cpu')\n"
-        "assert len(errors) >= 10 and max(errors.values()) < 1e-5, errors\n"
+        "assert len(errors) >= 10 and not sweep_errors_over_bound(errors), errors\n"
         "print('ok')\n"
     )
     run_in_triton_interpreter(code)
@@ -201,4 +214,4 @@ def test_sweep_configurations_in_interpreter():
 @pytest.mark.gpu
 def test_sweep_configurations_on_gpu():
     errors = check_sweep_configs("cuda")
-    assert max(errors.values()) < 1e-5, errors
+    assert not sweep_errors_over_bound(errors), errors
