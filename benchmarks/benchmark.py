@@ -46,6 +46,7 @@ from models import triton_autotune
 from models.backend import triton_available
 from pipeline.config import REPO_ROOT, build_config, parse_value
 from pipeline.data import load_data
+from pipeline.host_memory import keep_freed_memory
 from pipeline.inference import InferenceError, Recommender
 from pipeline.precision import PRECISIONS
 from pipeline.registry import SSD_MODELS, get_model_class, model_names
@@ -873,7 +874,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     os.chdir(REPO_ROOT)  # RecBole's log_tensorboard/ and relative paths live at the root
+    # as run.py does (pipeline/host_memory.py), for every row alike
+    keep_memory = dict(args.set or []).get("keep_host_memory", True) is not False
     bench = Benchmark(args, work, device)
+    bench.result["environment"]["host_memory_kept"] = keep_memory and keep_freed_memory()
     if work.spec is not None:
         data_path = Path(args.data_path)
         _, gen_s = measure.wall(lambda: ensure_dataset(work.spec, data_path), torch.device("cpu"))

@@ -188,7 +188,9 @@ def markdown_table(result: dict) -> str:
         f"### Benchmark on {env['device_name']}",
         "",
         f"{versions}; float32 matmul precision '{env['float32_matmul_precision']}'; "
-        f"{env['torch_threads']} torch threads; {meta.get('started', '')}",
+        f"{env['torch_threads']} torch threads"
+        f"{'; freed host memory kept' if env.get('host_memory_kept') else ''}; "
+        f"{meta.get('started', '')}",
         "",
         f"Workload: {workload}",
     ]

@@ -18,6 +18,7 @@ from pipeline import distributed
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import REPO_ROOT, ConfigError, build_config, parse_args
 from pipeline.data import DatasetError, load_data
+from pipeline.host_memory import keep_freed_memory
 from pipeline.registry import get_model_class
 from pipeline.sequence_batches import make_train_loader
 from pipeline.trainer import TrainingInterrupted, new_run_id
@@ -40,6 +41,8 @@ def prepare_run(model_name: str, config_files: list[Path], overrides: dict, trai
     init_run_logger(config)
     logger = getLogger()
     logger.info(config)
+    if config["keep_host_memory"] and keep_freed_memory():
+        logger.info("host memory: freed blocks kept for reuse (keep_host_memory)")
     ensure_writable(config["checkpoint_dir"])
     dataset, train_data, valid_data, test_data = load_data(config)
     logger.info(dataset)

@@ -86,6 +86,7 @@ PROJECT_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "train_cuda_graph": (bool,),
     "fused_optimizer": (bool,),
     "triton_precompile": (bool,),
+    "keep_host_memory": (bool,),
 }
 POSITIVE_KEYS = (
     "hidden_size",

@@ -146,6 +146,7 @@ def test_keys_of_recbole_and_other_models_are_known():
         ({"hidden_size": "wide"}, "config key hidden_size must be int, got 'wide' (str)"),
         ({"is_time": 1}, "config key is_time must be bool, got 1 (int)"),
         ({"fused_optimizer": "yes"}, "config key fused_optimizer must be bool, got 'yes'"),
+        ({"keep_host_memory": 0}, "config key keep_host_memory must be bool, got 0 (int)"),
         ({"learning_rate": "fast"}, "config key learning_rate must be float or int, got 'fast'"),
         ({"dropout_prob": 1.5}, "dropout_prob is a dropout probability in [0, 1), got 1.5"),
         ({"hidden_size": 0}, "config key hidden_size must be positive, got 0"),

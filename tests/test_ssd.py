@@ -7,6 +7,7 @@ import torch
 
 from ssd import (
     TiSSDBlock,
+    even_chunk_size,
     resolve_backend,
     rmsnorm_gated,
     rmsnorm_gated_reference,
@@ -100,8 +101,20 @@ def test_rmsnorm_gated_reference_formula():
 def test_dispatch_on_cpu_uses_torch():
     inp = random_inputs(1, 9, 2, 4, 1, 4, dtype=torch.float32)
     y = ssd_scan(**inp, chunk_size=4, backend="auto")
+    # 9 steps in 3 chunks of 3 (not 3 x 4 with 3 padded)
+    assert torch.equal(y, ssd_chunked(**inp, chunk_size=3, dt_softplus=True))
     torch.testing.assert_close(y, ssd_chunked(**inp, chunk_size=4, dt_softplus=True))
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize(
+    "seqlen, chunk_size, expected",
+    [(50, 32, 25), (200, 32, 29), (64, 32, 32), (9, 4, 3), (1, 32, 1), (33, 32, 17), (7, 1, 1)],
+)
+def test_even_chunk_size_keeps_the_number_of_chunks(seqlen, chunk_size, expected):
+    Q = even_chunk_size(seqlen, chunk_size)
+    assert Q == expected
+    assert -(-seqlen // Q) == -(-seqlen // chunk_size) and Q <= chunk_size
 
 
 def test_backend_errors_are_clear():
