@@ -7,8 +7,8 @@ back in, page by page, each page zeroed by the kernel: at B=2048, L=50 the PyTor
 scan's forward and backward took 560,000 page faults a call and more system time than user
 time. With mmap off and the trim threshold at its maximum, freed blocks stay in the heap
 and the next step reuses them: a TiM4Rec step on Amazon Beauty's paper config went from
-9.2 to 2.3 s on 2 cores. The process's resident memory then stays at its peak (6.0 GB
-against 5.0 there). docs/performance_notes.md, "CPU: freed host memory kept in the
+9.2 to 2.3 s on 2 cores. The process's resident memory then stays at its peak (5.8 GiB
+against a 4.8 GiB peak there). docs/performance_notes.md, "CPU: freed host memory kept in the
 process".
 
 Config key `keep_host_memory` (default True); run.py, test.py, the baselines and the
