@@ -94,12 +94,15 @@ def needs_triton_kernels() -> None:
         pytest.skip("mamba-ssm's Triton kernels are not installed")
 
 
-# Two fixes to Triton's interpreter (3.6-3.8), prepended to the code it runs:
+# Fixes to Triton's interpreter (3.6-3.9), prepended to the code it runs:
 # - it holds a kernel's integer arguments as 1-element arrays and makes them Python ints
 #   (`range(0, n, step)` in a kernel) with int(array), which numpy >= 2.4 refuses for
 #   arrays of one dimension: take the element instead;
 # - it stores bfloat16 as uint16 bit patterns and multiplies those in tl.dot (products of
-#   ~1e10 for unit values): widen bfloat16 operands to float32 first.
+#   ~1e10 for unit values): widen bfloat16 operands to float32 first;
+# - Triton 3.9's interpreter makes a block mask & a scalar condition (`mask & (k >= 0)`
+#   with k from constexprs) int32, then its masked loads and stores refuse that mask
+#   ("mask has unsupported dtype"): give them the mask as bool.
 INTERPRETER_FIXES = """
 import triton.language as _tl
 import triton.runtime.interpreter as _interpreter
@@ -114,6 +117,18 @@ def _create_dot(self, a, b, d, *args):
             for t in (a, b))
     return _dot(self, a, b, d, *args)
 _interpreter.InterpreterBuilder.create_dot = _create_dot
+def _bool_mask(mask):
+    if mask.data.dtype == bool:
+        return mask
+    return _interpreter.TensorHandle(mask.data.astype(bool), _tl.int1)
+_load = _interpreter.InterpreterBuilder.create_masked_load
+def _create_masked_load(self, ptrs, mask, *args):
+    return _load(self, ptrs, _bool_mask(mask), *args)
+_interpreter.InterpreterBuilder.create_masked_load = _create_masked_load
+_store = _interpreter.InterpreterBuilder.create_masked_store
+def _create_masked_store(self, ptrs, value, mask, *args):
+    return _store(self, ptrs, value, _bool_mask(mask), *args)
+_interpreter.InterpreterBuilder.create_masked_store = _create_masked_store
 """
 
 

@@ -123,7 +123,7 @@ def test_wider_kernels_than_the_triton_path_takes_run_on_nn_functional_on_gpu():
 
 
 def test_fused_causal_conv_in_interpreter():
-    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    """The kernels' logic on CPU, in Triton's interpreter (skipped where Triton is not installed)."""
     code = (
         "from benchmarks.launch_options import launch_options\n"
         "from models import causal_conv_triton\n"

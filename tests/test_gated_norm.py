@@ -95,7 +95,7 @@ def test_unknown_kernel_is_refused():
 
 
 def test_gated_norm_in_interpreter():
-    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    """The kernels' logic on CPU, in Triton's interpreter (skipped where Triton is not installed)."""
     code = (
         "from tests.test_gated_norm import CASES, relative_errors\n"
         "for case in CASES:\n"

@@ -111,7 +111,7 @@ def test_fused_hardswish_dropout_masks_on_gpu():
 
 
 def test_fused_hardswish_dropout_in_interpreter():
-    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    """The kernels' logic on CPU, in Triton's interpreter (skipped where Triton is not installed)."""
     code = (
         "from tests.test_hardswish_dropout import CASES, check_against_reference\n"
         "for i, case in enumerate(CASES):\n"

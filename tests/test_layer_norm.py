@@ -160,7 +160,7 @@ def test_fused_layer_norm_draws_fresh_masks_in_cuda_graph_replays():
 
 
 def test_fused_layer_norm_in_interpreter():
-    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    """The kernels' logic on CPU, in Triton's interpreter (skipped where Triton is not installed)."""
     code = (
         "from tests.test_layer_norm import CASES, check_against_reference\n"
         "for i, case in enumerate(CASES):\n"

@@ -190,7 +190,7 @@ def sweep_errors_over_bound(errors: dict) -> dict:
 
 
 def test_products_in_interpreter():
-    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    """The kernels' logic on CPU, in Triton's interpreter (skipped where Triton is not installed)."""
     code = (
         "from tests.test_products import SHAPES, check_against_reference\n"
         "for i, shape in enumerate(SHAPES):\n"

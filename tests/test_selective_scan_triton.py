@@ -85,7 +85,7 @@ def test_triton_backend_refuses_cpu_and_unknown_names():
 
 
 def test_triton_selective_scan_in_interpreter():
-    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    """The kernels' logic on CPU, in Triton's interpreter (skipped where Triton is not installed)."""
     code = (
         "from tests.test_selective_scan_triton import SHAPES, check_against_reference\n"
         "for i, shape in enumerate(SHAPES[:3]):\n"

@@ -197,7 +197,7 @@ def test_unknown_ssd_kernel_is_refused():
 
 
 def test_fused_ssd_in_interpreter():
-    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    """The kernels' logic on CPU, in Triton's interpreter (skipped where Triton is not installed)."""
     code = (
         "from tests.test_ssd_triton import INTERPRETER_CASES, relative_errors\n"
         "for case in INTERPRETER_CASES:\n"

@@ -108,7 +108,7 @@ def test_time_mix_norm_with_bf16_inputs():
 
 
 def test_time_mix_norm_in_interpreter():
-    """The kernels' logic on CPU, where Triton is installed (it is not in CI's CPU setup)."""
+    """The kernels' logic on CPU, in Triton's interpreter (skipped where Triton is not installed)."""
     code = (
         "from tests.test_time_mix_norm import CASES, assert_float32_accurate, relative_errors\n"
         "for case in CASES:\n"
