@@ -4,7 +4,7 @@ Triton's interpreter (the kernels' CPU tests) runs a kernel as Python, so it mis
 only the compiler rejects: a constexpr that stopped being one (e.g. passed through a
 packed tuple) makes a constexpr-guarded branch compile for None pointers. This compiles
 each kernel, for each constexpr combination the model uses, without a GPU (Triton ships
-ptxas), so such errors show before a GPU run. Skipped where Triton is not installed (CI).
+ptxas), so such errors show before a GPU run. Skipped where Triton is not installed.
 """
 
 from __future__ import annotations
@@ -123,9 +123,12 @@ def test_ptxas_reports_registers_and_spills():
 
 # Bytes that launch configurations chosen by measurement spill on sm_90, each still the
 # fastest measured there (docs/results/triton-products-h200/, products-rows-h200/): the
-# 128-row forward (~120 with Triton 3.6-3.8, 148 with 3.9, whose speed is not measured),
-# out_proj's input gradient through W^T (~100), W2's (~190).
-PRODUCT_SPILLS = {("fwd", "rows"): 160, ("dx", "wt", 128): 128, ("dx", "w", 256): 256}
+# 128-row forward (~120), out_proj's input gradient through W^T (~100), W2's (~190).
+PRODUCT_SPILLS = {("fwd", "rows"): 128, ("dx", "wt", 128): 128, ("dx", "w", 256): 256}
+# Triton 3.9 (torch 2.15's) spills 148 bytes in the 128-row forward; the kernels were
+# measured with 3.6-3.8, and their speed under 3.9 is not.
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9):
+    PRODUCT_SPILLS[("fwd", "rows")] = 148
 
 
 def compile_product(op: str, K: int, N: int, config: dict) -> str:
