@@ -877,6 +877,16 @@ def main(argv: list[str] | None = None) -> int:
     # as run.py does (pipeline/host_memory.py), for every row alike
     keep_memory = dict(args.set or []).get("keep_host_memory", True) is not False
     bench = Benchmark(args, work, device)
+    try:
+        return run_rows(bench, variants, keep_memory)
+    finally:
+        bench.cleanup()  # the temporary checkpoint directory, whatever happened
+
+
+def run_rows(bench: Benchmark, variants: list[Variant], keep_memory: bool) -> int:
+    """Generate the data if synthetic, measure every row, write and print the table; the
+    exit status."""
+    args, work = bench.args, bench.work
     bench.result["environment"]["host_memory_kept"] = keep_memory and keep_freed_memory()
     if work.spec is not None:
         data_path = Path(args.data_path)
@@ -909,7 +919,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
         bench.result["meta"]["finished"] = datetime.now().isoformat(timespec="seconds")
         bench.flush()
-        bench.cleanup()
     print(report.markdown_table(bench.result), end="")
     print(f"\nfull results: {bench.out_dir / 'benchmark.json'}", file=sys.stderr)
     if interrupted:

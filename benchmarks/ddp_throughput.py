@@ -213,7 +213,11 @@ def beauty_data_path(data_file: str | None) -> Path:
 def worker(args: argparse.Namespace) -> int:
     from pipeline import distributed
 
-    result = beauty_worker(args) if args.beauty else throughput_worker(args)
+    if args.beauty:
+        result = beauty_worker(args)
+    else:  # nothing is saved: RecBole's trainer only needs a directory to exist
+        with tempfile.TemporaryDirectory(prefix="ddp-bench-") as checkpoint_dir:
+            result = throughput_worker(args, checkpoint_dir)
     if distributed.is_main_process():
         Path(args.worker).write_text(json.dumps(result, indent=1, default=str))
     distributed.finish()
@@ -242,13 +246,13 @@ def beauty_worker(args: argparse.Namespace) -> dict:
             "epochs_run": len(result["epoch_seconds"])}  # fmt: skip
 
 
-def throughput_worker(args: argparse.Namespace) -> dict:
+def throughput_worker(args: argparse.Namespace, checkpoint_dir: str) -> dict:
     from pipeline import distributed
     from pipeline.distributed import RankShardBatches, shard_loader
     from pipeline.runner import prepare_run
 
     work = WORKLOADS[args.workload]
-    overrides = {**base_overrides(args, tempfile.mkdtemp(prefix="ddp-bench-")), "epochs": 1,
+    overrides = {**base_overrides(args, checkpoint_dir), "epochs": 1,
                  "dataset": work.spec.name, **work.overrides, **dict(args.set)}  # fmt: skip
     loaded_at = time.perf_counter()
     config, dataset, (train, _, _), model = prepare_run(args.model, work.config_files, overrides)

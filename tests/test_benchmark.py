@@ -233,6 +233,21 @@ def test_bad_command_lines_fail_clearly(tmp_path, capsys):
     assert "unknown model 'Nope'" in capsys.readouterr().err
 
 
+def test_failed_data_generation_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # main() moves to the repository root; restored afterwards
+    monkeypatch.setattr(benchmark.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    def failing(spec, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(benchmark, "ensure_dataset", failing)
+    args = ["--device", "cpu", "--workload", "smoke", "--out", str(tmp_path / "out")]
+    with pytest.raises(OSError, match="disk full"):
+        benchmark.main([*args, "--data-path", str(tmp_path / "data")])
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_error_row_is_reported_in_the_table():
     row = {"model": "X", "backend": None, "precision": "fp32", "status": "error",
            "errors": {"build": "RuntimeError: boom | bang"}}  # fmt: skip

@@ -253,7 +253,8 @@ def test_ranks_agree_and_only_rank0_writes(runs):
 @pytest.mark.slow
 def test_throughput_benchmark_runs_one_and_two_processes(tmp_path):
     """benchmarks/ddp_throughput.py on the CPU (gloo): what the GPU run will execute."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    (tmp_path / "tmp").mkdir()  # the ranks' temporary checkpoint directories go here
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(tmp_path / "tmp"))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, "-m", "benchmarks.ddp_throughput", "--device", "cpu",
@@ -270,6 +271,7 @@ def test_throughput_benchmark_runs_one_and_two_processes(tmp_path):
     assert two["processes"] == 2 and two["per_rank_batch"] == two["global_batch"] // 2
     assert two["nosync_step_ms"] > 0 and two["allreduce_ms"] > 0
     assert "where a step goes" in done.stdout
+    assert not list((tmp_path / "tmp").glob("ddp-bench-*"))  # removed by each rank
 
 
 @pytest.mark.slow
