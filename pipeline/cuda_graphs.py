@@ -34,6 +34,10 @@ from torch.autograd.function import once_differentiable
 
 from pipeline.precision import autocast
 
+# Forward + backward passes run before capture: the first compiles and autotunes the
+# Triton kernels, the later ones settle cuBLAS heuristics and allocator blocks.
+WARMUP_PASSES = 3
+
 
 class _ReplayLoss(torch.autograd.Function):
     """The captured loss as an autograd node: forward replays the forward graph, backward
@@ -66,17 +70,14 @@ class _CapturedLoss:
         inputs: tuple[torch.Tensor, ...],
         stream: torch.cuda.Stream,
         pool: tuple,
-        warmup_steps: int = 3,
     ) -> None:
         self.params = params
         self.inputs = tuple(t.clone() for t in inputs)  # static buffers the graphs read
         # Compile, autotune and allocate workspaces before capture, on the capture stream.
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(warmup_steps):
-                loss = loss_fn(*self.inputs)
-                torch.autograd.grad(loss, params, allow_unused=True)
-            del loss
+            for _ in range(WARMUP_PASSES):
+                torch.autograd.grad(loss_fn(*self.inputs), params, allow_unused=True)
         torch.cuda.current_stream().wait_stream(stream)
         self.forward_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream):
