@@ -18,14 +18,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from models.triton_launch import COMPILE_OPTIONS
+
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int64: "*i64"}
 F32, BF16, I64 = (torch.empty(1, dtype=t) for t in (torch.float32, torch.bfloat16, torch.int64))
 
 
 def compile_for_sm90(kernel, options: dict | None = None, **args) -> str:
-    """PTX of `kernel` with these arguments and launch options (num_warps, num_stages):
-    tensors stand for pointers of their dtype, Python ints and floats for scalars;
-    `kernel`'s constexpr parameters and None pointers are compiled in."""
+    """PTX of `kernel` with these arguments and launch options (num_warps, num_stages), over
+    models.triton_launch's COMPILE_OPTIONS as the model launches it: tensors stand for
+    pointers of their dtype, Python ints and floats for scalars; `kernel`'s constexpr
+    parameters and None pointers are compiled in."""
     signature, constexprs = {}, {}
     for param in kernel.params:
         value = args[param.name]
@@ -37,6 +40,7 @@ def compile_for_sm90(kernel, options: dict | None = None, **args) -> str:
         else:
             signature[param.name] = "fp32" if isinstance(value, float) else "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    options = {**COMPILE_OPTIONS, **(options or {})}  # as the model launches them
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     return compiled.asm["ptx"]
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from models.split_gradient import gradient_buffer
+from models.triton_launch import COMPILE_OPTIONS
 from models.triton_vectors import optional_vector, row_sums
 
 TAPS = tl.constexpr(4)  # the widest kernel the Triton path takes (as mamba-ssm's causal_conv1d)
@@ -207,7 +208,7 @@ class CausalConvHardswish(torch.autograd.Function):
         grid, options, rows = launch("_causal_conv_fwd", batch, length, channels)
         _causal_conv_fwd[grid](
             x, weight, bias, x_bias, y, length, channels, rows, *x.stride(), *y.stride(),
-            K=K, HAS_XBIAS=x_bias is not None, **options,
+            K=K, HAS_XBIAS=x_bias is not None, **options, **COMPILE_OPTIONS,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, x_bias)
         ctx.dx_into = dx_into
@@ -228,7 +229,7 @@ class CausalConvHardswish(torch.autograd.Function):
         _causal_conv_bwd[grid](
             x, weight, bias, x_bias, dy, dx, partials, length, channels, rows,
             *x.stride(), *dy.stride(), *dx.stride(),
-            K=K, HAS_XBIAS=has_x_bias, **options,
+            K=K, HAS_XBIAS=has_x_bias, **options, **COMPILE_OPTIONS,
         )  # fmt: skip
         sums = row_sums(partials)  # (K + 1 + has_x_bias, C)
         dx_bias = sums[K + 1] if has_x_bias else None

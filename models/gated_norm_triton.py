@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from models.split_gradient import gradient_buffer
+from models.triton_launch import COMPILE_OPTIONS
 from models.triton_vectors import as_rows, row_sums
 
 # Rows per program and warps, per kernel. `python -m benchmarks.norm_kernels --sweep`
@@ -114,7 +115,7 @@ class GatedRMSNorm(torch.autograd.Function):
         options = LAUNCH_OPTIONS["_gated_rms_norm_fwd"]
         _gated_rms_norm_fwd[(triton.cdiv(M, options["ROWS"]),)](
             x2, z2, z_bias, weight, y, rstd, M, N, x2.stride(0), z2.stride(0), y.stride(0), eps,
-            HAS_ZBIAS=z_bias is not None, BLOCK_N=block_n, **options,
+            HAS_ZBIAS=z_bias is not None, BLOCK_N=block_n, **options, **COMPILE_OPTIONS,
         )  # fmt: skip
         ctx.save_for_backward(x2, z2, z_bias, weight, rstd)
         ctx.shapes, ctx.dz_into = (shape, z.shape), dz_into
@@ -137,7 +138,8 @@ class GatedRMSNorm(torch.autograd.Function):
         _gated_rms_norm_bwd[(programs,)](
             x2, z2, z_bias, weight, dy2, rstd, dx, dz, partials[0], partials[-1],
             M, N, x2.stride(0), z2.stride(0), dy2.stride(0), dx.stride(0), dz.stride(0),
-            HAS_ZBIAS=z_bias is not None, BLOCK_N=triton.next_power_of_2(N), **options,
+            HAS_ZBIAS=z_bias is not None, BLOCK_N=triton.next_power_of_2(N),
+            **options, **COMPILE_OPTIONS,
         )  # fmt: skip
         sums = row_sums(partials)
         dz_bias = None if z_bias is None else sums[1].to(z_bias.dtype)

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from models.causal_conv_triton import hardswish, hardswish_grad
 from models.triton_dropout import check_elements, dropout_seed
+from models.triton_launch import COMPILE_OPTIONS
 from models.triton_vectors import optional_vector, row_sums
 
 QUARTER_ELEMENTS = 1024  # rows x BLOCK_N of each of a row group's four blocks
@@ -135,7 +136,7 @@ class HardswishDropout(torch.autograd.Function):
         qrows, block_n, programs = _geometry(M, N, FWD_GROUPS)
         _hardswish_dropout_fwd[(programs,)](
             x, bias, y, seed, M, N, p, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0,
-            QROWS=qrows, BLOCK_N=block_n, GROUPS=FWD_GROUPS,
+            QROWS=qrows, BLOCK_N=block_n, GROUPS=FWD_GROUPS, **COMPILE_OPTIONS,
         )  # fmt: skip
         ctx.save_for_backward(x, bias, seed)
         ctx.p = p
@@ -155,7 +156,7 @@ class HardswishDropout(torch.autograd.Function):
         _hardswish_dropout_bwd[(programs,)](
             x, bias, dy, dx, db_partial, seed, M, N, ctx.p,
             HAS_BIAS=bias is not None, HAS_DROPOUT=ctx.p > 0,
-            QROWS=qrows, BLOCK_N=block_n, GROUPS=BWD_GROUPS,
+            QROWS=qrows, BLOCK_N=block_n, GROUPS=BWD_GROUPS, **COMPILE_OPTIONS,
         )  # fmt: skip
         dbias = None if bias is None else row_sums(db_partial).to(bias.dtype)
         return dx, None, dbias

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from models.triton_dropout import check_elements, dropout_seed
+from models.triton_launch import COMPILE_OPTIONS
 from models.triton_vectors import as_rows, optional_vector, row_sums
 
 QUARTER_ELEMENTS = 2048  # rows x BLOCK_N of each of a program's four row blocks; the
@@ -233,7 +234,8 @@ class DropoutAddLayerNorm(torch.autograd.Function):
             x2, res2, x_bias, weight, bias, y, mean, rstd, seed,
             M, N, x2.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0), eps, p,
             HAS_RES=res2 is not None, HAS_XBIAS=x_bias is not None, HAS_DROPOUT=p > 0,
-            QROWS=qrows, BLOCK_N=block_n, **LAUNCH_OPTIONS["_dropout_add_layer_norm_fwd"],
+            QROWS=qrows, BLOCK_N=block_n,
+            **LAUNCH_OPTIONS["_dropout_add_layer_norm_fwd"], **COMPILE_OPTIONS,
         )  # fmt: skip
         ctx.save_for_backward(x2, res2, x_bias, weight, mean, rstd, seed)
         ctx.shape, ctx.p, ctx.qrows = shape, p, qrows
@@ -262,7 +264,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
             dx.stride(0), dres.stride(0) if store_dres else 0, ctx.p,
             HAS_RES=res2 is not None, STORE_DRES=store_dres, HAS_XBIAS=x_bias is not None,
             HAS_DROPOUT=ctx.p > 0, QROWS=qrows, BLOCK_N=block_n,
-            **LAUNCH_OPTIONS["_dropout_add_layer_norm_bwd"],
+            **LAUNCH_OPTIONS["_dropout_add_layer_norm_bwd"], **COMPILE_OPTIONS,
         )  # fmt: skip
         sums = row_sums(partials)  # (2 or 3, N)
         dweight = sums[0].to(weight.dtype)

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from models.split_gradient import padded_empty
+from models.triton_launch import COMPILE_OPTIONS
 from models.triton_vectors import as_rows
 
 MAX_K = 256  # the widest reduction a dX program holds whole
@@ -274,10 +275,14 @@ def product_fwd(x2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -
     n_out = y.stride(0)
     if config.pop("variant") == "rows":
         grid = (triton.cdiv(M, config["BLOCK_M"]),)
-        _product_fwd_rows[grid](x2, w, y, M, N, n_out, K, x2.stride(0), y.stride(0), **config)
+        _product_fwd_rows[grid](
+            x2, w, y, M, N, n_out, K, x2.stride(0), y.stride(0), **config, **COMPILE_OPTIONS
+        )
     else:
         grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
-        _product_fwd[grid](x2, w, y, M, N, n_out, K, x2.stride(0), y.stride(0), **config)
+        _product_fwd[grid](
+            x2, w, y, M, N, n_out, K, x2.stride(0), y.stride(0), **config, **COMPILE_OPTIONS
+        )
     return y
 
 
@@ -297,8 +302,9 @@ def product_dw(dy2: torch.Tensor, x2: torch.Tensor, config: dict | None = None) 
     splits = triton.cdiv(M, rows_per_split)
     partials = torch.empty(splits, N, K, device=dy2.device, dtype=torch.float32)
     _product_dw[(tiles, splits)](
-        dy2, x2, partials, M, N, K, dy2.stride(0), x2.stride(0), rows_per_split, **config
-    )
+        dy2, x2, partials, M, N, K, dy2.stride(0), x2.stride(0), rows_per_split,
+        **config, **COMPILE_OPTIONS,
+    )  # fmt: skip
     return partials[0] if splits == 1 else partials.sum(0)
 
 
@@ -317,7 +323,7 @@ def product_dx(dy2: torch.Tensor, w: torch.Tensor, config: dict | None = None) -
     grid = (triton.cdiv(M, config["BLOCK_M"]),)
     _product_dx[grid](
         dy2, w_op, dx, M, N, K, dy2.stride(0), dx.stride(0), w_op.stride(0),
-        W_TRANSPOSED=transposed, BF16X6=bf16x6, **config,
+        W_TRANSPOSED=transposed, BF16X6=bf16x6, **config, **COMPILE_OPTIONS,
     )  # fmt: skip
     return dx
 

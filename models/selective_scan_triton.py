@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_launch import COMPILE_OPTIONS
+
 
 @triton.jit
 def _selective_scan_fwd(
@@ -140,6 +142,7 @@ class TritonSelectiveScan(torch.autograd.Function):
             channels, state,
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride(),
             L=seqlen, STORE_STATES=store, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps,
+            **COMPILE_OPTIONS,
         )  # fmt: skip
         if store:
             ctx.save_for_backward(u, delta, A, B, C, states)
@@ -162,7 +165,7 @@ class TritonSelectiveScan(torch.autograd.Function):
             batch, channels, state,
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
             *grad_y.stride(), *grad_u.stride(), *grad_delta.stride(),
-            L=seqlen, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps,
+            L=seqlen, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps, **COMPILE_OPTIONS,
         )  # fmt: skip
         grad_B = grad_B.sum(0).transpose(1, 2)  # (B, N, L)
         grad_C = grad_C.sum(0).transpose(1, 2)

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_launch import COMPILE_OPTIONS
 from models.triton_vectors import row_sums
 from ssd import unpack_xbc
 
@@ -333,7 +334,7 @@ class FusedSSD(torch.autograd.Function):
             NCHUNKS=nchunks, HAS_D=D is not None, HAS_DTB=dt_bias is not None,
             DT_SOFTPLUS=dt_softplus,
             **_blocks(chunk_size, headdim, d_state),
-            **LAUNCH_OPTIONS["_ssd_fwd"],
+            **LAUNCH_OPTIONS["_ssd_fwd"], **COMPILE_OPTIONS,
         )  # fmt: skip
         ctx.save_for_backward(xBC, dt, A32, D, dt_bias, states)
         ctx.sizes = (nheads, d_state, chunk_size)
@@ -366,7 +367,7 @@ class FusedSSD(torch.autograd.Function):
             seqlen, nheads,
             dt.stride(0), dt.stride(1), dt.stride(2), C.stride(0), C.stride(1),
             dy.stride(0), dy.stride(1), dy.stride(2),
-            NCHUNKS=nchunks, **flags, **LAUNCH_OPTIONS["_ssd_bwd_dstates"],
+            NCHUNKS=nchunks, **flags, **LAUNCH_OPTIONS["_ssd_bwd_dstates"], **COMPILE_OPTIONS,
         )  # fmt: skip
         sums = torch.empty(nheads, 3, batch * nchunks, device=dt.device, dtype=torch.float32)
         _ssd_bwd_chunk[(batch, nchunks)](
@@ -374,7 +375,7 @@ class FusedSSD(torch.autograd.Function):
             seqlen, *strides, ddt.stride(0), ddt.stride(1),
             dB.stride(0), dB.stride(1), dC.stride(0), dC.stride(1),
             NCHUNKS=nchunks, NHEADS=nheads, HAS_D=D is not None, **flags,
-            **LAUNCH_OPTIONS["_ssd_bwd_chunk"],
+            **LAUNCH_OPTIONS["_ssd_bwd_chunk"], **COMPILE_OPTIONS,
         )  # fmt: skip
         sums = row_sums(sums)  # (H, 3): dD, dA, d dt_bias
         dD = sums[:, 0].to(D.dtype) if D is not None else None

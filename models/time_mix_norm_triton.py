@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_launch import COMPILE_OPTIONS
 from models.triton_vectors import row_sums
 
 # Rows per program and warps per kernel. `python -m benchmarks.norm_kernels --sweep`
@@ -195,7 +196,8 @@ class TimeMixNorm(torch.autograd.Function):
         _time_mix_norm_fwd[(triton.cdiv(B * H, options["ROWS"]),)](
             gate_logits, time_signal, theta, weight, bias, y,
             B * H, H, L, *theta.stride(), eps,
-            GATE_PER_ROW=per_row, PREFIX=prefix, BLOCK_L=triton.next_power_of_2(L), **options,
+            GATE_PER_ROW=per_row, PREFIX=prefix, BLOCK_L=triton.next_power_of_2(L),
+            **options, **COMPILE_OPTIONS,
         )  # fmt: skip
         ctx.save_for_backward(gate_logits, time_signal, theta, weight)
         ctx.eps, ctx.prefix, ctx.per_row, ctx.bias_dtype = eps, prefix, per_row, bias.dtype
@@ -219,7 +221,7 @@ class TimeMixNorm(torch.autograd.Function):
             partials[0], partials[1],
             B * H, H, L, *theta.stride(), ctx.eps,
             GATE_PER_ROW=ctx.per_row, PREFIX=ctx.prefix, BLOCK_L=triton.next_power_of_2(L),
-            **options,
+            **options, **COMPILE_OPTIONS,
         )  # fmt: skip
         sums = row_sums(partials)  # (2, L)
         return dgate, dt, dtheta, sums[0].to(weight.dtype), sums[1].to(ctx.bias_dtype), None, None

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from models.triton_launch import COMPILE_OPTIONS
+
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (M, N) with unit stride along N: a view where the layout allows (a
@@ -53,5 +55,5 @@ def row_sums(partials: torch.Tensor) -> torch.Tensor:
     out = torch.empty(lead, device=partials.device, dtype=torch.float32)
     if out.numel():
         block_p = min(1024, triton.next_power_of_2(max(P, 1)))
-        _row_sums[(out.numel(),)](partials, out, P, BLOCK_P=block_p, num_warps=4)
+        _row_sums[(out.numel(),)](partials, out, P, BLOCK_P=block_p, num_warps=4, **COMPILE_OPTIONS)
     return out

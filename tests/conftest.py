@@ -103,6 +103,8 @@ def needs_triton_kernels() -> None:
 # - Triton 3.9's interpreter makes a block mask & a scalar condition (`mask & (k >= 0)`
 #   with k from constexprs) int32, then its masked loads and stores refuse that mask
 #   ("mask has unsupported dtype"): give them the mask as bool.
+# And one check: every launch of a kernel in models/ passes models.triton_launch's
+# COMPILE_OPTIONS (the interpreter ignores them; the compiler does not).
 INTERPRETER_FIXES = """
 import triton.language as _tl
 import triton.runtime.interpreter as _interpreter
@@ -129,6 +131,12 @@ _store = _interpreter.InterpreterBuilder.create_masked_store
 def _create_masked_store(self, ptrs, value, mask, *args):
     return _store(self, ptrs, value, _bool_mask(mask), *args)
 _interpreter.InterpreterBuilder.create_masked_store = _create_masked_store
+_run = _interpreter.InterpretedFunction.run
+def _run_pinned(self, *args, **kwargs):  # see models/triton_launch.py
+    if self.fn.__module__.startswith("models.") and kwargs.get("enable_fp_fusion") is not True:
+        raise AssertionError(f"{self.fn.__name__} launched without models.triton_launch's options")
+    return _run(self, *args, **kwargs)
+_interpreter.InterpretedFunction.run = _run_pinned
 """
 
 
