@@ -874,19 +874,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     os.chdir(REPO_ROOT)  # RecBole's log_tensorboard/ and relative paths live at the root
-    # as run.py does (pipeline/host_memory.py), for every row alike
-    keep_memory = dict(args.set or []).get("keep_host_memory", True) is not False
     bench = Benchmark(args, work, device)
     try:
-        return run_rows(bench, variants, keep_memory)
+        return run_rows(bench, variants)
     finally:
         bench.cleanup()  # the temporary checkpoint directory, whatever happened
 
 
-def run_rows(bench: Benchmark, variants: list[Variant], keep_memory: bool) -> int:
+def run_rows(bench: Benchmark, variants: list[Variant]) -> int:
     """Generate the data if synthetic, measure every row, write and print the table; the
     exit status."""
     args, work = bench.args, bench.work
+    # as run.py does (pipeline/host_memory.py), once for every row alike
+    keep_memory = bench.overrides.get("keep_host_memory", True) is not False
     bench.result["environment"]["host_memory_kept"] = keep_memory and keep_freed_memory()
     if work.spec is not None:
         data_path = Path(args.data_path)
